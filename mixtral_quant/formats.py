@@ -32,6 +32,7 @@ bf16 / fp16: X.weight stored unchanged in that dtype.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -251,3 +252,39 @@ def param_suffixes(fmt: str, double_quant: bool = True) -> tuple[str, ...]:
     if fmt == "int8":
         return ("weight", "SCB")
     return ("weight",)
+
+
+@dataclass
+class NF4Weight:
+    """One NF4 weight as the kernels consume it: the saved tensors plus the JSON fields, no decoding done.
+
+    `absmax` is uint8 (double quant: decode with nested_absmax/nested_quant_map/offset) or float32 (plain).
+    """
+
+    packed: Tensor  # uint8 [numel/2, 1]
+    absmax: Tensor  # uint8 or float32 [numel/blocksize]
+    quant_map: Tensor  # float32 [16]
+    nested_absmax: Tensor | None  # float32 [ceil(blocks/256)]
+    nested_quant_map: Tensor | None  # float32 [256]
+    offset: float
+    shape: tuple[int, ...]
+    blocksize: int
+    nested_blocksize: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Tensor], prefix: str = "weight") -> "NF4Weight":
+        meta = unpack_quant_state(d[f"{prefix}.{QUANT_STATE_KEY}"])
+        nested = "nested_offset" in meta
+        return cls(
+            packed=d[prefix], absmax=d[f"{prefix}.absmax"], quant_map=d[f"{prefix}.quant_map"],
+            nested_absmax=d[f"{prefix}.nested_absmax"] if nested else None,
+            nested_quant_map=d[f"{prefix}.nested_quant_map"] if nested else None,
+            offset=float(meta.get("nested_offset", 0.0)), shape=tuple(meta["shape"]),
+            blocksize=int(meta["blocksize"]), nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
+            dtype=getattr(torch, meta["dtype"]),
+        )  # fmt: skip
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
