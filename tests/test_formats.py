@@ -7,7 +7,7 @@ from mixtral_quant import dequantize_tensor, formats, quantize_tensor
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-SHAPES = [(256, 128), (300, 77), (96, 4096), (1000, 333)]
+SHAPES = [(256, 128), (300, 77), (96, 4096), (1000, 333), (512, 512)]
 
 
 def _rand(shape, dtype, seed):
@@ -19,7 +19,7 @@ def _rand(shape, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
 def test_nf4_matches_bitsandbytes(shape, dtype, blocksize):
-    w = _rand(shape, dtype, seed=hash((shape, str(dtype), blocksize)) % 2**31)
+    w = _rand(shape, dtype, seed=int(torch.randint(0, 2**31, ())))
     q, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     ref = state.as_dict(packed=True)
     ours = quantize_tensor(w, "nf4", blocksize=blocksize)
@@ -32,10 +32,17 @@ def test_nf4_matches_bitsandbytes(shape, dtype, blocksize):
     assert formats.unpack_quant_state(ours["weight." + formats.QUANT_STATE_KEY]) == formats.unpack_quant_state(
         ref[formats.QUANT_STATE_KEY]
     )
-    # The nested (8-bit) absmax codes: ours are the exact nearest code (bitsandbytes' reference torch
-    # kernel). bitsandbytes' C++ CPU search differs by one code step on near-ties (~0.15% of blocks).
+    # The nested (8-bit) absmax codes: ours are the nearest code (as bitsandbytes' reference torch kernel).
+    # bitsandbytes' C++ CPU search picks another code on near-ties (~0.1-0.4% of blocks): check in float64
+    # that ours is never farther from the true value than bitsandbytes' choice.
     a, b = ours["weight.absmax"].long(), ref["absmax"].long()
-    assert (a - b).abs().max() <= 2 and (a != b).float().mean() < 0.01
+    assert (a != b).sum() <= max(2, 0.01 * a.numel())
+    absmax = w.double().reshape(-1, blocksize).abs().amax(1) if w.numel() % blocksize == 0 else None
+    if absmax is not None and absmax.numel() % 256 == 0:
+        x = (absmax - absmax.mean()).view(-1, 256)
+        x = (x / x.abs().amax(1, keepdim=True)).view(-1)
+        code = formats.dynamic_map().double()
+        assert ((x - code[a]).abs() <= (x - code[b]).abs() + 1e-6).all()
     # and bitsandbytes decodes our bytes to exactly our values
     qs = bnbF.QuantState.from_dict({k.removeprefix("weight."): v for k, v in ours.items() if k != "weight"}, "cpu")
     assert torch.equal(bnbF.dequantize_4bit(ours["weight"], qs), dequantize_tensor(ours))
