@@ -32,6 +32,8 @@ bf16 / fp16: X.weight stored unchanged in that dtype.
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -122,7 +124,136 @@ def _blockwise(x: Tensor, blocksize: int, bounds: Tensor) -> tuple[Tensor, Tenso
         absmax = torch.cat([absmax, am[None]])
         scaled = torch.cat([scaled, tail / am])
     scaled.clamp_(-1, 1)
+    if bounds.numel() == 255 and bool(torch.isfinite(absmax).all()):  # the dynamic map: a table, not a search
+        return _dynamic_codes(scaled.contiguous()), absmax
     return torch.bucketize(scaled, bounds, out_int32=True), absmax
+
+
+# Fast NF4 coding without a binary search: g = int(x * 12 + 12) puts a scaled value x in one of 25 cells, each
+# narrower than the closest two NF4 midpoints (0.080 apart), so a cell holds at most one midpoint and
+# code = lo[g] + (x > thr[g]), exactly bucketize(x, midpoints). The tables come from the cells' true float32
+# edges (found by bisection through the same ops), so rounding in g cannot misplace a value.
+_NF4_GRID = 12.0
+_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}  # CPU: a chunk's fp32 temporaries stay in cache
+
+
+def _nf4_cell(x: Tensor) -> Tensor:
+    return x.mul(_NF4_GRID).add_(_NF4_GRID).to(torch.int32)
+
+
+@lru_cache(maxsize=None)
+def _nf4_lookup(device: str) -> tuple[Tensor, Tensor]:
+    """(lo uint8 [cells], thr float32 [cells]): midpoints below a cell's first value, and the midpoint inside it."""
+    bounds = _tables("cpu")[1].tolist()
+
+    def cell(key: int) -> int:  # key: the float32 with these bits, ordered like the floats
+        f = torch.tensor([key], dtype=torch.int32).view(torch.float32) if key >= 0 else \
+            -torch.tensor([-key], dtype=torch.int32).view(torch.float32)
+        return int(_nf4_cell(f.to(device))[0])
+
+    def key(f: float) -> int:
+        k = int(torch.tensor([abs(f)], dtype=torch.float32).view(torch.int32)[0])
+        return k if f >= 0 else -k
+
+    def to_float(k: int) -> float:
+        f = float(torch.tensor([abs(k)], dtype=torch.int32).view(torch.float32)[0])
+        return f if k >= 0 else -f
+
+    lo_key, hi_key = key(-1.01), key(1.01)  # scaled values lie in [-1, 1] up to rounding
+    n_cells = cell(hi_key) + 1
+    starts = []
+    for c in range(n_cells):  # the smallest float landing in cell c
+        a, b = lo_key, hi_key
+        while a < b:
+            m = (a + b) // 2
+            a, b = (a, m) if cell(m) >= c else (m + 1, b)
+        starts.append(to_float(a))
+    lo, thr = [], []
+    for c, start in enumerate(starts):
+        end = starts[c + 1] if c + 1 < n_cells else 2.0
+        inside = [b for b in bounds if start <= b < end]
+        assert len(inside) <= 1, "grid too coarse for the NF4 midpoints"
+        lo.append(sum(b < start for b in bounds))
+        thr.append(inside[0] if inside else float("inf"))
+    return (torch.tensor(lo, dtype=torch.uint8, device=device), torch.tensor(thr, dtype=torch.float32, device=device))
+
+
+def _nf4_blocks(x: Tensor, packed: Tensor, absmax: Tensor) -> None:
+    """Code full blocks `x` [rows, blocksize] (any float dtype) into `packed` uint8 [rows*blocksize/2] and
+    `absmax` fp32 [rows], as bitsandbytes: scaled = float32(x) * (1 / absmax), nearest NF4 value."""
+    lo_t, thr_t = _nf4_lookup(str(x.device))
+    scaled = x.float() if x.dtype != torch.float32 else x.clone()  # exact upcast; reductions are fast in fp32
+    a = torch.maximum(scaled.amax(dim=1), scaled.amin(dim=1).neg_()).abs_()  # [rows] absmax; +0.0 for zeros
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError("the weight holds NaN or Inf values; nf4 cannot represent them")
+    absmax.copy_(a)
+    scaled.mul_((1.0 / a.clamp(min=1e-38))[:, None])  # fp32 [rows, blocksize], as bitsandbytes scales
+    g = _nf4_cell(scaled).view(-1)
+    code = torch.index_select(lo_t, 0, g)
+    code.add_(torch.gt(scaled.view(-1), torch.index_select(thr_t, 0, g)).view(torch.uint8))
+    if sys.byteorder != "little":
+        packed.copy_((code[0::2] << 4) | code[1::2])
+        return
+    pair = code.view(torch.int16)  # little-endian: element 2i in the low byte, 2i+1 in the high byte
+    packed.copy_((pair << 4) | (pair >> 8))  # the low byte is (2i << 4) | 2i+1; copy_ keeps it
+
+
+@lru_cache(maxsize=None)
+def _bits_lookup(device: str) -> tuple[Tensor, Tensor]:
+    """bucketize(x, dynamic-map midpoints) by a table over the top 16 bits of float32 x: every such cell holds
+    at most one midpoint, so code = lo[cell] + (x > thr[cell]). (lo uint8 [65536], thr float32 [65536])."""
+    bounds = _tables("cpu")[3]
+    keys = torch.arange(-32768, 32768, dtype=torch.int32)
+    ends = torch.stack([(keys << 16).view(torch.float32), ((keys << 16) | 0xFFFF).view(torch.float32)])
+    first, last = ends.amin(0), ends.amax(0)  # the float interval of each cell (negative floats run backwards)
+    first, last = first.nan_to_num(float("inf")), last.nan_to_num(float("inf"))  # NaN cells: never reached
+    lo = torch.searchsorted(bounds, first)  # midpoints < first
+    inside = torch.searchsorted(bounds, last) - lo  # midpoints in [first, last)
+    assert int(inside.max()) <= 1, "two midpoints share a 16-bit cell"
+    thr = torch.where(inside > 0, bounds[lo.clamp(max=len(bounds) - 1)], torch.tensor(float("inf")))
+    return lo.to(torch.uint8).to(device), thr.to(device)
+
+
+def _dynamic_codes(x: Tensor) -> Tensor:
+    """Exactly torch.bucketize(x, dynamic-map midpoints) for finite float32 x, as uint8, without a search."""
+    lo_t, thr_t = _bits_lookup(str(x.device))
+    cell = (x.reshape(-1).view(torch.int32) >> 16).add_(32768)
+    code = torch.index_select(lo_t, 0, cell)
+    return code.add_(torch.gt(x.reshape(-1), torch.index_select(thr_t, 0, cell)).view(torch.uint8)).view(x.shape)
+
+
+def _run_chunks(fn, starts: range, cpu: bool) -> None:
+    """Run fn(start) for every chunk. On the CPU: one Python worker per core, each op single-threaded (torch's
+    intra-op pool is set to 1 thread for the call, then restored): thousands of small ops synchronising an
+    OpenMP team are slow, and stall whenever the machine is busy."""
+    if not cpu or len(starts) < 2:
+        for i in starts:
+            fn(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _THREADS_LOCK:  # concurrent callers must not restore each other's thread count
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if threads == 1:
+                for i in starts:
+                    fn(i)
+            else:
+                with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nf4") as pool:
+                    list(pool.map(fn, starts))  # ops release the GIL; list() re-raises a worker's exception
+        finally:
+            torch.set_num_threads(threads)
+
+
+_THREADS_LOCK = threading.Lock()
+
+
+def _pack_codes(q: Tensor) -> Tensor:
+    if q.numel() % 2:  # bitsandbytes pads the scaled values with 0.0, whose code is 7
+        q = torch.nn.functional.pad(q, (0, 1), value=NF4_CODE.index(0.0))
+    q = q.to(torch.uint8)
+    return (q[0::2] << 4) | q[1::2]
 
 
 def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> dict[str, Tensor]:
@@ -131,11 +262,28 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> d
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"nf4 quantizes bf16, fp16 or fp32 tensors, got {w.dtype}")
     nf4, nf4_bounds, dyn, dyn_bounds = _tables(str(w.device))
-    q, absmax = _blockwise(w.reshape(-1).float(), blocksize, nf4_bounds)
-    if q.numel() % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    q = q.to(torch.uint8)
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    flat = w.reshape(-1)
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = full // blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
+    step = max(1, _CHUNK_ELEMENTS.get(w.device.type, 1 << 26) // blocksize)
+    xb = flat[:full].view(blocks, blocksize)
+    half = blocksize // 2
+
+    def chunk(i: int) -> None:  # whole blocks i..j: the fp32 temporaries stay small
+        j = min(i + step, blocks)
+        _nf4_blocks(xb[i:j], packed[i * half:j * half], absmax[i:j])
+
+    _run_chunks(chunk, range(0, blocks, step), w.device.type == "cpu")
+    if full < n:  # a last, shorter block (its codes start on a byte boundary: full is even)
+        q, am = _blockwise(flat[full:].float(), blocksize, nf4_bounds)
+        packed[full // 2:] = _pack_codes(q)
+        absmax[-1:] = am
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("the weight holds NaN or Inf values; nf4 cannot represent them")
+    packed = packed.unsqueeze(1)
     meta = {"quant_type": "nf4", "blocksize": blocksize, "dtype": str(w.dtype).removeprefix("torch."),
             "shape": list(w.shape)}
     out = {"weight": packed, "weight.quant_map": nf4.clone()}

@@ -36,7 +36,7 @@ def test_nf4_matches_bitsandbytes(shape, dtype, blocksize):
     # bitsandbytes' C++ CPU search picks another code on near-ties (~0.1-0.4% of blocks): check in float64
     # that ours is never farther from the true value than bitsandbytes' choice.
     a, b = ours["weight.absmax"].long(), ref["absmax"].long()
-    assert (a != b).sum() <= max(2, 0.01 * a.numel())
+    assert (a != b).sum() <= max(4, 0.02 * a.numel())
     absmax = w.double().reshape(-1, blocksize).abs().amax(1) if w.numel() % blocksize == 0 else None
     if absmax is not None and absmax.numel() % 256 == 0:
         x = (absmax - absmax.mean()).view(-1, 256)

@@ -1,0 +1,188 @@
+"""The streaming quantizer: a half-precision Hub-layout Mixtral checkpoint in, a packed NF4/int8 checkpoint out.
+
+One tensor at a time (peak host memory ~ the largest tensor plus one output shard buffer), never the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import formats
+from .checkpoint import AUX_FILES, CheckpointReader, ShardWriter, check_output_dir, resolve_source, tensor_class
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "mixtral-quant"
+QUANTIZED_CLASSES = ("attention", "experts")  # the rest (embeddings, lm_head, router, norms) keeps its dtype
+
+
+@dataclass
+class QuantizeResult:
+    output: str
+    input_bytes: int
+    output_bytes: int
+    params: int
+    seconds: float
+    formats: dict[str, str]  # tensor class -> format
+    bits_per_param: dict[str, float] = field(default_factory=dict)  # per class, and "total"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def recipe(fmt: str | None = None, experts: str = "nf4", attention: str = "nf4") -> dict[str, str]:
+    """Format per quantized class: `fmt` sets both, else `experts` / `attention`."""
+    if fmt is not None:
+        experts = attention = fmt
+    for f in (experts, attention):
+        formats.check_format(f)
+    return {"attention": attention, "experts": experts}
+
+
+def parse_size(size: int | str) -> int:
+    """'2GB' / '500MiB' / 2000000000 -> bytes (accelerate's parser)."""
+    if isinstance(size, int):
+        return size
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        n = convert_file_size_to_int(str(size).strip())
+    except (ValueError, TypeError):
+        n = -1
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"size {size!r} not understood; write it like 2GB, 500MB or 1GiB")
+    return n
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device {device!r}: choose auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+@contextmanager
+def _all_cores(device: torch.device):
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def quantization_config(fmts: dict[str, str], blocksize: int, double_quant: bool, source_dtype: str) -> dict:
+    return {"quant_method": QUANT_METHOD, "formats": dict(fmts), "blocksize": blocksize,
+            "double_quant": double_quant, "source_dtype": source_dtype}
+
+
+def plan_tensors(reader: CheckpointReader, fmts: dict[str, str]) -> list[tuple[str, str, str | None]]:
+    """(tensor name, class, format or None to keep as is), in shard order so the source is read sequentially."""
+    order = {s: i for i, s in enumerate(reader.shards())}
+    names = sorted(reader.keys(), key=lambda k: (order[reader.weight_map[k]], k))
+    return [(k, c, fmts.get(c)) for k in names for c in [tensor_class(k)]]
+
+
+def estimate_output_bytes(reader: CheckpointReader, todo, blocksize: int, double_quant: bool) -> int:
+    total = 0
+    for name, _, fmt in todo:
+        dtype, shape = reader.info(name)
+        total += formats.packed_nbytes(fmt, shape, blocksize, double_quant) if fmt else reader.nbytes(name)
+    return total
+
+
+def quantize(src: str, out: str, *, fmt: str | None = None, experts: str = "nf4", attention: str = "nf4",
+             blocksize: int = 64, double_quant: bool = True, device: str = "auto", max_shard_size: int | str = "2GB",
+             overwrite: bool = False, progress: bool = True) -> QuantizeResult:
+    """Quantize the attention projections and experts of the Mixtral checkpoint `src` into directory `out`.
+
+    src: a directory, a Hugging Face repo id, or builtin:tiny-mixtral. The output is an HF-style directory
+    (shards, index, config.json with quantization_config, tokenizer files) that appears only when complete.
+    """
+    from tqdm.auto import tqdm
+
+    fmts = recipe(fmt, experts, attention)
+    if "nf4" in fmts.values():
+        formats.check_blocksize(blocksize)
+    max_shard_bytes = parse_size(max_shard_size)
+    dev = pick_device(device)
+    out = os.path.abspath(out)
+    check_output_dir(out, overwrite)  # before any download or read
+    path = resolve_source(src)
+    if os.path.realpath(path) == os.path.realpath(out):
+        raise ValueError(f"{out}: the output directory is the source; choose another output path")
+    t0 = time.perf_counter()
+    with CheckpointReader(path) as reader, _all_cores(dev):
+        reader.validate_source()
+        todo = plan_tensors(reader, fmts)
+        estimate = estimate_output_bytes(reader, todo, blocksize, double_quant)
+        parent = _existing_ancestor(os.path.dirname(out))
+        free = shutil.disk_usage(parent).free
+        if free < estimate * 1.02:
+            raise OSError(f"{parent}: {free / 1e9:.2f} GB free, the output needs about {estimate / 1e9:.2f} GB; "
+                          "free some space or choose another output directory")
+        in_bytes = params = 0
+        cls_params: dict[str, int] = {}
+        cls_bytes: dict[str, int] = {}
+        with ShardWriter(out, max_shard_bytes, overwrite) as writer:
+            bar = tqdm(todo, desc="quantize", unit="tensor", disable=not progress, dynamic_ncols=True)
+            for name, cls, f in bar:
+                w = reader.get(name, dev if f else "cpu")  # tensors kept as they are never visit the GPU
+                n_in = w.numel() * w.element_size()
+                if f is None:
+                    packed = {name: w}
+                else:
+                    prefix = name.removesuffix(".weight")
+                    try:
+                        q = formats.quantize_tensor(w, f, blocksize, double_quant)
+                    except ValueError as e:  # e.g. NaN in a weight: say which tensor of which file
+                        raise ValueError(f"{os.path.join(path, reader.weight_map[name])}: {name}: {e}") from None
+                    packed = {f"{prefix}.{k}": v for k, v in q.items()}
+                n_out = sum(t.numel() * t.element_size() for t in packed.values())
+                writer.add(packed)
+                w = packed = q = None  # drop the source tensor before reading the next
+                in_bytes += n_in
+                numel = math.prod(reader.info(name)[1])
+                params += numel
+                cls_params[cls] = cls_params.get(cls, 0) + numel
+                cls_bytes[cls] = cls_bytes.get(cls, 0) + n_out
+                bar.set_postfix_str(f"{in_bytes / 1e9 / max(time.perf_counter() - t0, 1e-9):.2f} GB/s", refresh=False)
+            bar.close()
+            src_dtype = reader.config.dtype
+            conf = reader.config.raw | {
+                "quantization_config": quantization_config(fmts, blocksize, double_quant, src_dtype)
+            }
+            writer.write_json("config.json", conf)
+            for aux in AUX_FILES:
+                if os.path.isfile(os.path.join(path, aux)):
+                    writer.copy_file(os.path.join(path, aux))
+            out_bytes = writer.total_size + writer._buffered
+            writer.finish()
+    seconds = time.perf_counter() - t0
+    bits = {c: 8 * cls_bytes[c] / cls_params[c] for c in cls_params}
+    bits["total"] = 8 * out_bytes / max(params, 1)
+    result = QuantizeResult(output=out, input_bytes=in_bytes, output_bytes=out_bytes, params=params,
+                            seconds=seconds, formats=fmts, bits_per_param=bits)
+    log.info("quantized %s -> %s: %.2f GB -> %.2f GB (%.2f bits/param, attention %s, experts %s) in %.1f s",
+             src, out, in_bytes / 1e9, out_bytes / 1e9, bits["total"], fmts["attention"], fmts["experts"], seconds)
+    return result
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
