@@ -12,5 +12,9 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 ):
     __path__.append(_root)
 
-__all__ = ["quantize_tensor", "dequantize_tensor"]
+from .loader import load_quantized  # noqa: E402
+from .plan import plan_memory  # noqa: E402
+from .quantize import quantize  # noqa: E402  (the function shadows the submodule attribute; import_module reaches it)
+
+__all__ = ["load_quantized", "quantize_tensor", "dequantize_tensor", "quantize", "plan_memory"]
 __version__ = "0.1.0"

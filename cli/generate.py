@@ -1,0 +1,105 @@
+"""`mixq generate`: load a (quantized) checkpoint and stream a continuation of a prompt to stdout, timing to stderr.
+A thin layer over mixtral_quant.load_quantized and model.generate."""
+
+import json
+import time
+
+import click
+
+from .main import cli
+
+
+def model_options(f):
+    """--device/--dtype/--backend/--max-memory, shared with `mixq chat`."""
+    f = click.option("--max-memory", default=None, metavar="SIZE",
+                     help="Compute-device budget (16GiB, 24GB, bytes); experts beyond it are offloaded.")(f)  # fmt: skip
+    f = click.option("--backend", type=click.Choice(["auto", "torch", "triton", "bnb"]), default="auto",
+                     show_default=True, help="auto: triton on CUDA, torch on the CPU.")(f)  # fmt: skip
+    f = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="Compute dtype (auto: checkpoint dtype on CUDA, float32 on CPU).")(f)  # fmt: skip
+    f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
+    return f
+
+
+def sampling_options(f):
+    f = click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")(f)
+    f = click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")(f)
+    f = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="Nucleus sampling mass; 1 = off.")(f)  # fmt: skip
+    f = click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0 = greedy; > 0 samples.")(f)  # fmt: skip
+    return f
+
+
+def load(path, device, dtype, backend, max_memory):
+    from .. import load_quantized
+
+    mm = int(max_memory) if max_memory is not None and max_memory.isdigit() else max_memory
+    t0 = time.perf_counter()
+    model = load_quantized(path, device=device, dtype=None if dtype == "auto" else dtype, backend=backend,
+                           max_memory=mm)  # fmt: skip
+    return model, time.perf_counter() - t0
+
+
+def sampling_kwargs(temperature, top_p, top_k, seed) -> dict:
+    return dict(do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k, seed=seed)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("-p", "--prompt", required=True, help="The text to continue.")
+@click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@sampling_options
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming.")
+@click.option("--stats", is_flag=True, help="Print expert-offload statistics (hits, misses, bytes) at the end.")
+def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, device, dtype, backend, max_memory,
+             as_json, stats):  # fmt: skip
+    """Continue PROMPT with the model at PATH (a directory, a Hub repo id or builtin:tiny-mixtral).
+
+    The continuation streams to stdout; load time and tokens/s go to stderr. Greedy unless --temperature > 0.
+
+    \b
+    Examples:
+      mixq generate mixtral-nf4 -p "The capital of France is" -n 20
+      mixq generate mixtral-nf4 -p "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 0
+      mixq generate builtin:tiny-mixtral -p "def fibonacci(n):" --json
+    """
+    import torch
+
+    model, load_s = load(path, device, dtype, backend, max_memory)
+    tok = model.tokenizer
+    ids = torch.tensor([tok.encode(prompt, bos=True)])
+    stream = tok.stream()
+    state = {"first": None}
+    t0 = time.perf_counter()
+
+    def on_token(t):
+        if state["first"] is None:
+            state["first"] = time.perf_counter()
+        if not as_json:
+            text = stream.push(int(t[0]))
+            if text:
+                click.echo(text, nl=False)
+
+    out = model.generate(ids, max_new_tokens, eos=tok.eos_id, callback=on_token,
+                         **sampling_kwargs(temperature, top_p, top_k, seed))  # fmt: skip
+    total = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:].tolist()
+    n = len(new)
+    decode_s = total - (state["first"] - t0) if state["first"] else 0.0
+    tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
+    if as_json:
+        text = tok.decode([t for t in new if t != tok.eos_id])
+        click.echo(json.dumps({"prompt": prompt, "text": text, "tokens": new, "new_tokens": n,
+                               "load_seconds": round(load_s, 3), "seconds": round(total, 3),
+                               "decode_tokens_per_s": round(tps, 2),
+                               **({"offload": model.offload_stats()} if stats else {})}))  # fmt: skip
+        return
+    click.echo(stream.flush())
+    click.echo(f"[{n} tokens in {total:.2f} s: prefill {ids.shape[1]} tokens {(state['first'] or t0) - t0:.2f} s, "
+               f"decode {tps:.1f} tok/s; load {load_s:.1f} s]", err=True)  # fmt: skip
+    if stats:
+        s = model.offload_stats()
+        click.echo("[offload: " + (", ".join(f"{k} {v}" for k, v in s.items()) or "all experts resident") + "]",
+                   err=True)  # fmt: skip

@@ -1,0 +1,150 @@
+"""Decoding: prefill the prompt into the KV cache, then one token at a time (greedy or sampled), streaming.
+
+Small functions in gpt-fast's shape: `prefill`, `decode_one_token`, `decode_n_tokens`, `generate`; `stream` is the
+iterator form. Left-padded batches (an attention_mask) and stopping at EOS per sequence are handled here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Sampling:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """logits [B, V] -> scaled logits with the tokens outside top-k / the top-p nucleus set to -inf."""
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)  # ascending, as transformers
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - top_p  # the low tail whose mass stays below 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: Tensor, s: Sampling) -> Tensor:
+    """logits [B, V] (the last position) -> next tokens [B] int64."""
+    if not s.do_sample:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, s.temperature, s.top_k, s.top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=s.generator).view(-1)
+
+
+def prefill(model, input_ids: Tensor, input_pos: Tensor, attention_mask: Tensor | None, s: Sampling) -> Tensor:
+    """Run the prompt [B, S] through the model (filling the cache), return the first new tokens [B]."""
+    logits = model(input_ids, input_pos, attention_mask)  # [B, S, V]
+    return sample(logits[:, -1], s)
+
+
+def decode_one_token(model, cur: Tensor, input_pos: Tensor, attention_mask: Tensor | None, s: Sampling) -> Tensor:
+    """cur [B] at cache position input_pos [1] -> next tokens [B]."""
+    logits = model(cur[:, None], input_pos, attention_mask)  # [B, 1, V]
+    return sample(logits[:, -1], s)
+
+
+def decode_n_tokens(model, cur: Tensor, input_pos: Tensor, n: int, attention_mask: Tensor | None, s: Sampling,
+                    eos: Tensor | None) -> Iterator[Tensor]:  # fmt: skip
+    """Yield up to n tokens [B] after `cur`; rows that produced EOS keep producing EOS; stop when all have."""
+    done = torch.isin(cur, eos) if eos is not None else None
+    for _ in range(n):
+        if done is not None and bool(done.all()):
+            return
+        cur = decode_one_token(model, cur, input_pos, attention_mask, s)
+        input_pos += 1
+        if done is not None:
+            cur = torch.where(done, eos[0], cur)
+            done |= torch.isin(cur, eos)
+        yield cur
+
+
+def stream(model, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos: int | list[int] | None = None,
+           attention_mask: Tensor | None = None) -> Iterator[Tensor]:  # fmt: skip
+    """The iterator form of `generate`: yields each step's new tokens [B] as soon as they exist."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, prompt length >= 1], got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    device = model.device
+    input_ids = input_ids.to(device)
+    B, S = input_ids.shape
+    vocab = model.config.vocab_size
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise ValueError(f"token ids must be in 0..{vocab - 1} (the model's vocabulary)")
+    if attention_mask is not None:
+        attention_mask = check_left_padding(attention_mask.to(device), B, S)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+    s = Sampling(do_sample, temperature, top_p, top_k, gen)
+    eos_ids = model.config.eos_token_id if eos is None else eos
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    eos_t = torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None
+    if max_new_tokens == 0:
+        return
+    with torch.inference_mode():
+        if model.max_batch_size < B or model.max_seq_length < S + max_new_tokens:  # else reuse the cache
+            model.setup_caches(B, S + max_new_tokens)
+        input_pos = torch.arange(S, device=device)
+        cur = prefill(model, input_ids, input_pos, attention_mask, s)
+        yield cur
+        input_pos = torch.tensor([S], device=device)
+        yield from decode_n_tokens(model, cur, input_pos, max_new_tokens - 1, attention_mask, s, eos_t)
+
+
+def generate(model, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos: int | list[int] | None = None,
+             attention_mask: Tensor | None = None, callback: Callable[[Tensor], None] | None = None) -> Tensor:  # fmt: skip
+    """input_ids [B, S] (left-padded when attention_mask [B, S] is given) -> LongTensor [B, S + new].
+
+    Greedy unless do_sample; sampling uses temperature, top_k (0 = off), top_p (1 = off) and a torch.Generator
+    seeded by `seed`. Stops when every row has produced an EOS (eos: id(s); default config.eos_token_id; [] for
+    none), rows that finished early are filled with EOS. callback(tokens [B]) is called at every step.
+    """
+    B, S = input_ids.shape if input_ids.dim() == 2 else (0, 0)
+    out = torch.empty(B, S + max(max_new_tokens, 0), dtype=torch.long, device=model.device)
+    n = 0
+    for tok in stream(model, input_ids, max_new_tokens, do_sample, temperature, top_p, top_k, seed, eos,
+                      attention_mask):  # fmt: skip
+        out[:, S + n] = tok
+        n += 1
+        if callback is not None:
+            callback(tok)
+    out[:, :S] = input_ids
+    return out[:, : S + n]
+
+
+def check_left_padding(mask: Tensor, B: int, S: int) -> Tensor:
+    """A [B, S] 0/1 mask whose zeros all come first in each row, with at least one 1 per row."""
+    if tuple(mask.shape) != (B, S):
+        raise ValueError(f"attention_mask must have the shape of input_ids {(B, S)}, got {tuple(mask.shape)}")
+    m = mask.long()
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    if bool((m[:, 1:] < m[:, :-1]).any()) or bool((m[:, -1] == 0).any()):
+        raise ValueError("attention_mask must be left-padded (zeros first in each row, the last token real); "
+                         "pad prompts on the left")  # fmt: skip
+    return m

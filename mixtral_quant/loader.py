@@ -1,0 +1,217 @@
+"""Loading a packed (or plain bf16) checkpoint into the model: the tree is built on the meta device and each
+module is filled with the checkpoint's tensors on the target device, so no dequantized copy ever exists.
+
+`load_quantized` loads everything; `load_shell` + `load_block` load the ends and one layer at a time (streaming).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, CheckpointReader, resolve_source
+from .formats import QUANT_STATE_KEY
+from .linear import QuantLinear, make_linear, resolve_backend
+from .model import Block, Transformer, rope_inv_freq
+from .offload import make_expert_store, place_experts, wire_prefetch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} not understood: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, reader: CheckpointReader) -> torch.dtype:
+    """The compute dtype: as given, else the checkpoint's source dtype on CUDA and float32 on the CPU."""
+    if dtype is None:
+        if device.type != "cuda":
+            return torch.float32
+        qc = reader.quantization_config() or {}
+        name = str(qc.get("source_dtype") or reader.config.dtype)
+        return DTYPES.get(name.removeprefix("torch."), torch.bfloat16)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype {dtype!r} not supported: choose float32, bfloat16 or float16")
+
+
+def parse_max_memory(max_memory: int | str | None) -> int | None:
+    """A device memory budget in bytes from an int or a size string ('16GiB', '24GB'); None = no budget."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, str)):
+        raise ValueError(f"max_memory {max_memory!r}: give bytes as an int or a size like '16GiB'")
+    if isinstance(max_memory, str):
+        from accelerate.utils import convert_file_size_to_int
+
+        try:
+            n = convert_file_size_to_int(max_memory.strip())
+        except ValueError:
+            raise ValueError(f"max_memory {max_memory!r} not understood: write it like 16GiB, 24GB or 8000MB") from None
+    else:
+        n = max_memory
+    if n <= 0:
+        raise ValueError(f"max_memory {max_memory!r} must be a positive size like 16GiB")
+    return n
+
+
+def _tensors(reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
+    t = reader.module(prefix)
+    if not t:
+        raise CheckpointError(f"{reader.path}: tensor {prefix + '.weight'!r} is missing; "
+                              "re-quantize the checkpoint (mixq quantize) or re-download it")  # fmt: skip
+    return t
+
+
+def _param(reader: CheckpointReader, name: str, device, dtype) -> nn.Parameter:
+    if name not in reader:
+        raise CheckpointError(f"{reader.path}: tensor {name!r} is missing; "
+                              "re-quantize the checkpoint (mixq quantize) or re-download it")  # fmt: skip
+    return nn.Parameter(reader.get(name).to(device=device, dtype=dtype), requires_grad=False)
+
+
+def _check_shape(reader, name: str, got: tuple, want: tuple) -> None:
+    if tuple(got) != tuple(want):
+        raise CheckpointError(f"{reader.path}: {name} has shape {tuple(got)}, config.json implies {tuple(want)}; "
+                              "the checkpoint and its config.json disagree")  # fmt: skip
+
+
+def load_block(reader: CheckpointReader, layer_idx: int, *, device: torch.device, dtype: torch.dtype,
+               backend: str, max_memory: int | None = None) -> Block:  # fmt: skip
+    """Decoder layer `layer_idx` alone, built on meta and filled from `model.layers.{i}.*` on `device`.
+
+    Call it as `block(h [B, S, D], ctx)` with `ctx = make_context(...)` (model.py): the evaluator streams layers.
+    """
+    config = reader.config
+    p = f"model.layers.{layer_idx}."
+    with torch.device("meta"):
+        block = Block(config, layer_idx)
+    try:
+        attn = block.self_attn
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        tensors = {n: _tensors(reader, p + "self_attn." + n) for n in names}
+        want = {n: (getattr(attn, n).out_features, getattr(attn, n).in_features) for n in names}
+        for pair, stack in ((("q_proj", "o_proj"), "qo"), (("k_proj", "v_proj"), "kv")):
+            a, b = (tensors[n] for n in pair)
+            if _stackable(a, b, want[pair[0]], want[pair[1]]):
+                # one decode for both on the torch backend: q with o, k with v (equal sizes)
+                w = QuantLinear.from_tensors([a, b], (2,), device=device, backend=backend, compute_dtype=dtype,
+                                             name=p + "self_attn." + stack)  # fmt: skip
+                _check_shape(reader, p + "self_attn." + pair[0], _out_in(w), want[pair[0]])
+                setattr(attn, stack, w)
+                setattr(attn, pair[0], w.select(0))
+                setattr(attn, pair[1], w.select(1, want[pair[1]]))
+                continue
+            for n in pair:
+                lin = make_linear(tensors[n], name=p + "self_attn." + n, device=device, compute_dtype=dtype,
+                                  backend=backend)  # fmt: skip
+                _check_shape(reader, p + "self_attn." + n, _out_in(lin), want[n])
+                setattr(attn, n, lin)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            getattr(block, name).weight = _param(reader, p + name + ".weight", device, dtype)
+        block.block_sparse_moe.gate.weight = _param(reader, p + "block_sparse_moe.gate.weight", device, dtype)
+        block.block_sparse_moe.experts = make_expert_store(reader, config, layer_idx, device=device,
+                                                           compute_dtype=dtype, backend=backend,
+                                                           max_memory=max_memory)  # fmt: skip
+    except KeyError as e:  # a tensor of a quantized weight is missing
+        raise CheckpointError(f"{reader.path}: {e.args[0]}; re-quantize the checkpoint (mixq quantize)") from None
+    return block
+
+
+def _out_in(lin: nn.Module) -> tuple[int, int]:
+    return (lin.out_features, lin.in_features)
+
+
+def _stackable(a: dict, b: dict, shape_a: tuple, shape_b: tuple) -> bool:
+    """Two packed projections that one QuantLinear stack can hold: same format and keys, equal sizes."""
+    if set(a) != set(b) or not ({f"weight.{QUANT_STATE_KEY}", "SCB"} & set(a)):
+        return False
+    if any(a[k].shape != b[k].shape for k in a if not k.endswith(QUANT_STATE_KEY)):
+        return False
+    return shape_a[0] * shape_a[1] == shape_b[0] * shape_b[1] and ("SCB" not in a or shape_a == shape_b)
+
+
+def load_shell(reader: CheckpointReader, *, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """The model without its layers: embeddings, final norm, lm_head and rotary frequencies, loaded."""
+    config = reader.config
+    with torch.device("meta"):
+        model = Transformer(config, layers=False)
+    model.embed_tokens.weight = _param(reader, "model.embed_tokens.weight", device, dtype)
+    _check_shape(reader, "model.embed_tokens.weight", model.embed_tokens.weight.shape,
+                 (config.vocab_size, config.hidden_size))  # fmt: skip
+    model.norm.weight = _param(reader, "model.norm.weight", device, dtype)
+    if "lm_head.weight" in reader or not config.tie_word_embeddings:
+        model.lm_head.weight = _param(reader, "lm_head.weight", device, dtype)
+    else:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config, device)
+    return model
+
+
+def load_quantized(path_or_repo_id: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+                   backend: str = "auto", max_memory: int | str | None = None,
+                   tokenizer: bool = True) -> Transformer:  # fmt: skip
+    """Load a mixtral-quant checkpoint (or a plain bf16/fp16 Mixtral checkpoint) for inference.
+
+    path_or_repo_id: a directory, a Hugging Face repo id, or builtin:tiny-mixtral. device: auto (CUDA if present),
+    cpu, cuda[:N]. dtype: the compute dtype (default: the checkpoint's source dtype on CUDA, float32 on CPU).
+    backend: auto (triton on CUDA, torch elsewhere), torch, triton or bnb. max_memory: the compute device's
+    budget (int bytes or '16GiB'), used by expert offloading.
+    """
+    budget = parse_max_memory(max_memory)
+    dev = resolve_device(device)
+    backend = resolve_backend(backend, dev)
+    path = resolve_source(path_or_repo_id)
+    reader = CheckpointReader(path)
+    with reader:
+        dt = resolve_dtype(dtype, dev, reader)
+        # expert offloading (offload.py): the budget is checked before anything is allocated
+        placement = place_experts(reader, dev, dt, budget) if budget is not None else None
+        model = load_shell(reader, device=dev, dtype=dt)
+        n = reader.config.num_hidden_layers
+        model.layers = nn.ModuleList(
+            load_block(reader, i, device=dev, dtype=dt, backend=backend, max_memory=budget) for i in range(n)
+        )
+        if placement is not None:
+            wire_prefetch(model)
+            log.info("max_memory %d bytes: %s", budget, placement.describe())
+        extra = [k for k in reader.keys() if k.startswith("model.layers.") and int(k.split(".")[2]) >= n]
+        if extra:
+            log.warning("%s: %d tensors of layers beyond num_hidden_layers=%d ignored", path, len(extra), n)
+    model.eval().requires_grad_(False)
+    model.backend, model.path, model.max_memory = backend, path, budget
+    model.expert_placement = placement  # offload.Placement, or None without a budget
+    if tokenizer:
+        from .tokenizer import Tokenizer
+
+        model.tokenizer = Tokenizer.from_checkpoint(path)
+    log.info("loaded %s on %s (%s, backend %s)", path, dev, str(dt).removeprefix("torch."), backend)
+    return model
+
+
+def tracked_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers (views counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "meta":
+            continue
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+    return sum(seen.values())
