@@ -9,6 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated: set it before any test imports the kernels (CPU only).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
