@@ -6,7 +6,7 @@ import time
 
 import click
 
-from .generate import load, model_options, sampling_kwargs, sampling_options
+from .generate import compile_option, load, model_options, sampling_kwargs, sampling_options
 from .main import cli
 
 
@@ -18,7 +18,9 @@ from .main import cli
 @sampling_options
 @model_options
 @click.option("--stats", is_flag=True, help="Print expert-offload statistics (hits, misses, bytes) after answers.")
-def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, dtype, backend, max_memory, stats):
+@compile_option
+def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, dtype, backend, max_memory, stats,
+         compile):  # fmt: skip
     """Chat with the model at PATH in the [INST] ... [/INST] instruct format.
 
     Type a message and press Enter; /reset forgets the conversation, /exit (or Ctrl-D) quits. With stdin piped,
@@ -74,7 +76,7 @@ def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, 
                 if text:
                     click.echo(text, nl=False)
 
-        out = model.generate(torch.tensor([ids]), max_new_tokens, eos=tok.eos_id, callback=on_token,
+        out = model.generate(torch.tensor([ids]), max_new_tokens, eos=tok.eos_id, callback=on_token, compile=compile,
                              **sampling_kwargs(temperature, top_p, top_k, seed))  # fmt: skip
         click.echo(stream.flush())
         new = [t for t in out[0, len(ids):].tolist() if t != tok.eos_id]

@@ -31,6 +31,13 @@ def sampling_options(f):
     return f
 
 
+def compile_option(f):
+    """--compile, shared with `mixq chat`."""
+    return click.option("--compile", is_flag=True,
+                        help="Compile the decode step with torch.compile: faster tokens after a one-time compilation "
+                             "(tens of seconds on a CPU); decodes eagerly, with a warning, if compiling fails.")(f)  # fmt: skip
+
+
 def load(path, device, dtype, backend, max_memory):
     from .. import load_quantized
 
@@ -53,8 +60,9 @@ def sampling_kwargs(temperature, top_p, top_k, seed) -> dict:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming.")
 @click.option("--stats", is_flag=True, help="Print expert-offload statistics (hits, misses, bytes) at the end.")
+@compile_option
 def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, device, dtype, backend, max_memory,
-             as_json, stats):  # fmt: skip
+             as_json, stats, compile):  # fmt: skip
     """Continue PROMPT with the model at PATH (a directory, a Hub repo id or builtin:tiny-mixtral).
 
     The continuation streams to stdout; load time and tokens/s go to stderr. Greedy unless --temperature > 0.
@@ -82,7 +90,7 @@ def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, devi
             if text:
                 click.echo(text, nl=False)
 
-    out = model.generate(ids, max_new_tokens, eos=tok.eos_id, callback=on_token,
+    out = model.generate(ids, max_new_tokens, eos=tok.eos_id, callback=on_token, compile=compile,
                          **sampling_kwargs(temperature, top_p, top_k, seed))  # fmt: skip
     total = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()

@@ -268,7 +268,8 @@ class CachedExperts(ExpertStore):
     copied field by field. Slots: `slots` uint8 [num_slots, nbytes]; `w13`/`w2` are QuantLinear stacks (or dense
     tensors) of views into them, so computing with the expert in slot s is `linear(x, self.w13, s)`.
     CUDA ordering: copy stream waits `_free[s]` (last compute reading slot s), records `_ready[s]`; compute waits
-    `_ready[s]` before reading slot s and records `_free[s]` after.
+    `_ready[s]` before reading slot s and records `_free[s]` after. No synchronize(); one host sync per forward
+    (this layer's expert ids and the next layer's guesses, fetched together by one `.tolist()`).
     """
 
     def __init__(self, layout: ExpertLayout, template: ResidentExperts, num_experts: int, num_slots: int, *,
@@ -692,12 +693,16 @@ def layer_stats(model) -> list[dict]:
     return [layer.block_sparse_moe.experts.stats() for layer in model.layers]
 
 
-def offload_model(model, max_memory: int | str, context: int | None = None) -> Placement:
+def offload_model(model, max_memory: int | str | None = None, context: int | None = None,
+                  slots_per_layer: int | None = None) -> Placement:  # fmt: skip
     """Offload an already built model (all experts resident on its device) to fit `max_memory`: layers that do not
-    keep all their experts get a CachedExperts with host copies (pinned on CUDA) and their share of slots."""
+    keep all their experts get a CachedExperts with host copies (pinned on CUDA) and their share of slots.
+    `slots_per_layer` instead of a budget: that many slots in every layer (for benchmarks of small models)."""
     from .loader import parse_max_memory, tracked_bytes
 
-    budget = parse_max_memory(max_memory)
+    if (max_memory is None) == (slots_per_layer is None):
+        raise ValueError("offload_model needs max_memory (a budget) or slots_per_layer, not both")
+    budget = parse_max_memory(max_memory) if max_memory is not None else 0
     stores = [layer.block_sparse_moe.experts for layer in model.layers]
     if not all(isinstance(s, ResidentExperts) for s in stores):
         raise ValueError("offload_model needs a model whose experts are all resident (load it without max_memory)")
@@ -707,13 +712,23 @@ def offload_model(model, max_memory: int | str, context: int | None = None) -> P
     seen = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in kv and id(t) not in expert_ids]
     resident = tracked_bytes(_Holder(seen))
     layout = ExpertLayout.of(stores[0])
-    p = _place(model.config, budget, resident, layout.raw_nbytes, layout.nbytes, model.device, model.dtype,
-               context or max(model.max_seq_length, default_context(model.config)))  # fmt: skip
+    context = context or max(model.max_seq_length, default_context(model.config))
+    if slots_per_layer is not None:
+        E, L = model.config.num_local_experts, model.config.num_hidden_layers
+        if not 1 <= slots_per_layer < E:
+            raise ValueError(f"slots_per_layer must be in 1..{E - 1} (fewer than the {E} experts), "
+                             f"got {slots_per_layer}")  # fmt: skip
+        budget = resident + (1 << 62)  # only to build the Placement record; the slots are given
+        p = _place(model.config, budget, resident, layout.raw_nbytes, layout.nbytes, model.device, model.dtype, context)
+        p.slots, p.budget = [slots_per_layer] * L, p.device_bytes + p.workspace_bytes
+    else:
+        p = _place(model.config, budget, resident, layout.raw_nbytes, layout.nbytes, model.device, model.dtype,
+                   context)  # fmt: skip
     for layer, k in zip(model.layers, p.slots):
         if k < model.config.num_local_experts:
             layer.block_sparse_moe.experts = CachedExperts.from_resident(layer.block_sparse_moe.experts, k)
     wire_prefetch(model)
-    log.info("offload_model under %s: %s", _size(budget), p.describe())
+    log.info("offload_model under %s: %s", _size(p.budget), p.describe())
     return p
 
 
