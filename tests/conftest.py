@@ -91,3 +91,12 @@ def write_checkpoint(path, cfg: dict | None = None, *, shards: int = 3, dtype=to
 def tiny_checkpoint(tmp_path):
     """A 3-shard random bf16 Mixtral checkpoint (2 layers, 8 experts, GQA 4/2 heads)."""
     return write_checkpoint(tmp_path / "src")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and robust on a loaded 2-core CI box (OpenMP spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,13 +22,7 @@ from mixtral_quant.model import make_context
 from mixtral_quant.quantize import quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and robust on a loaded 2-core CI box (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RTOL = 1e-4
