@@ -4,7 +4,8 @@ A small model with Mixtral's exact architecture, trained with transformers' Mixt
 implementation) and exported in the Hugging Face Hub layout (bf16 safetensors, Hub key names) to
 mixtral_quant/data/tiny-mixtral/. The defaults reproduce the shipped model; `--help` lists every option.
 
-Data: every `*.py` under `sysconfig.get_paths()["stdlib"]` except the excluded directories below, plus each
+Data: every `*.py` under `sysconfig.get_paths()["stdlib"]` except test suites, IDLE, site-packages and generated
+tables (EXCLUDED_DIRS in this file; the model's README lists them), plus each
 topic of `pydoc_data.topics`, one document each. A document is held out when the first 8 bytes of
 sha256(its id) taken mod 10000 fall under `--heldout-per-10000`; held-out documents are never trained on, and
 `heldout.txt` is the first `--heldout-bytes` of them (in hash order), shipped so every machine evaluates the
@@ -238,7 +239,7 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     a = p.add_argument
-    a("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the package's data/tiny-mixtral)")
+    a("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     a("--seed", type=int, default=0, help="seeds the initialisation and the batch order")
     a("--steps", type=int, default=600, help="optimizer steps")
     a("--batch-size", type=int, default=8, help="windows per step")
@@ -281,7 +282,8 @@ def main(argv=None):
     tok = tokenizer()
     train = windows(token_stream(docs, train_ids, tok), args.context)
     held = windows(torch.tensor(tok.encode(text, True, False)), args.context)  # the evaluation protocol of `mixq eval`
-    log.info("%d documents: %d train (%d windows of %d = %.2fM tokens), %d held out (heldout.txt %d bytes, %d windows) in %.0fs",
+    log.info("%d documents: %d train (%d windows of %d = %.2fM tokens), %d held out "
+             "(heldout.txt %d bytes, %d windows) in %.0fs",
              len(docs), len(train_ids), len(train), args.context, train.numel() / 1e6, len(held_ids),
              len(text.encode()), len(held), time.time() - t0)
 
@@ -380,7 +382,8 @@ def main(argv=None):
         "train_tokens": train.numel(), "tokens_seen": args.steps * args.batch_size * args.context,
         "params": n_params, "distinct_train_tokens": len(seen), "train_seconds": round(train_seconds),
         "untrained": {"heldout_loss": untrained["loss"], "heldout_ppl": untrained["ppl"]},
-        "final": {"heldout_loss": final_held["loss"], "heldout_ppl": final_held["ppl"], "heldout_tokens": final_held["tokens"],
+        "final": {"heldout_loss": final_held["loss"], "heldout_ppl": final_held["ppl"],
+                  "heldout_tokens": final_held["tokens"],
                   "train_loss": final_train["loss"], "train_ppl": final_train["ppl"]},
         "expert_share_per_layer": [[round(c / sum(row), 4) for c in row] for row in final_held["expert_counts"]],
         "history": history, "export_max_logit_diff": err,

@@ -25,16 +25,7 @@ MIN_EXPERT_SHARE = 0.05  # measured minimum 0.095 (uniform 0.125); the unbalance
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # On a shared, busy CPU, spinning OpenMP threads make small matmuls many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def trained(one_thread):
+def trained(one_thread):  # one_thread: conftest.py
     transformers = pytest.importorskip("transformers")
     return transformers.MixtralForCausalLM.from_pretrained(DIR, dtype=torch.float32).eval()
 
