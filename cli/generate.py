@@ -79,12 +79,14 @@ def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, devi
     tok = model.tokenizer
     ids = torch.tensor([tok.encode(prompt, bos=True)])
     stream = tok.stream()
-    state = {"first": None}
+    state = {"first": None, "second": None}
     t0 = time.perf_counter()
 
     def on_token(t):
         if state["first"] is None:
             state["first"] = time.perf_counter()
+        elif state["second"] is None:
+            state["second"] = time.perf_counter()
         if not as_json:
             text = stream.push(int(t[0]))
             if text:
@@ -97,16 +99,22 @@ def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, devi
     n = len(new)
     decode_s = total - (state["first"] - t0) if state["first"] else 0.0
     tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
+    compile_s = None
+    if compile and state["second"]:  # the first decode step compiles: time the steps after it
+        compile_s = state["second"] - state["first"]
+        tps = (n - 2) / (total - (state["second"] - t0)) if n > 2 else float("nan")
     if as_json:
         text = tok.decode([t for t in new if t != tok.eos_id])
         click.echo(json.dumps({"prompt": prompt, "text": text, "tokens": new, "new_tokens": n,
                                "load_seconds": round(load_s, 3), "seconds": round(total, 3),
                                "decode_tokens_per_s": round(tps, 2),
+                               **({"compile_seconds": round(compile_s, 3)} if compile_s is not None else {}),
                                **({"offload": model.offload_stats()} if stats else {})}))  # fmt: skip
         return
     click.echo(stream.flush())
     click.echo(f"[{n} tokens in {total:.2f} s: prefill {ids.shape[1]} tokens {(state['first'] or t0) - t0:.2f} s, "
-               f"decode {tps:.1f} tok/s; load {load_s:.1f} s]", err=True)  # fmt: skip
+               f"decode {tps:.1f} tok/s{'' if compile_s is None else f' (compiling: {compile_s:.1f} s)'}; "
+               f"load {load_s:.1f} s]", err=True)  # fmt: skip
     if stats:
         s = model.offload_stats()
         click.echo("[offload: " + (", ".join(f"{k} {v}" for k, v in s.items()) or "all experts resident") + "]",

@@ -221,15 +221,31 @@ def dequantize_nf4_stacked(packed: Tensor, absmax: Tensor, quant_map: Tensor | N
     return w.view(*S, out_f, in_f).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
 def _nf4_pairs(device: torch.device) -> Tensor:
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
-    return code[_byte_nibbles(device)].view(torch.float64)  # [256]
+    """[256] float64: byte -> its two fp32 NF4 values (high nibble first), per device, built once."""
+    return _table("nf4_pairs", device)
 
 
-@functools.lru_cache(maxsize=None)
 def _dynamic_map(device: torch.device) -> Tensor:
-    return dynamic_map().to(device)
+    return _table("dynamic_map", device)
+
+
+# Shared lookup tables per device. A plain dict rather than functools.lru_cache: torch.compile traces into
+# lru_cache'd functions (rebuilding the table with host syncs) but reads a global dict's tensors as constants.
+_TABLES: dict[tuple[str, str], Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> Tensor:
+    key = (name, str(device))
+    t = _TABLES.get(key)
+    if t is None:
+        if name == "nf4_pairs":
+            code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+            t = code[_byte_nibbles(device)].view(torch.float64)
+        else:
+            t = dynamic_map().to(device)
+        _TABLES[key] = t
+    return t
 
 
 def _has_standard_maps(w: "QuantLinear") -> bool:

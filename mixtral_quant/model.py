@@ -131,16 +131,19 @@ class Transformer(nn.Module):
         return make_context(self.config, input_pos, kv_len=kv_len, attention_mask=attention_mask, dtype=self.dtype,
                             inv_freq=self.inv_freq)  # fmt: skip
 
-    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:  # fmt: skip
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, attention_mask: Tensor | None = None,
+                last_only: bool = False) -> Tensor:  # fmt: skip
         """input_ids [B, S] -> logits [B, S, V]. input_pos [S]: the cache positions to write and attend from
         (caches must be set up, see generate.py); None: a plain forward over these S tokens, caches untouched.
-        attention_mask [B, P] marks left padding (see make_context)."""
+        attention_mask [B, P] marks left padding (see make_context). last_only: logits of the last position only,
+        [B, 1, V] (a prefill needs no more; the lm_head is the largest matmul of a small model)."""
         ctx = self.context(input_pos, attention_mask, input_ids.shape[1])
         h = self.embed_tokens(input_ids)  # [B, S, D]
         for layer in self.layers:
             h = layer(h, ctx)
-        return self.lm_head(self.norm(h))  # [B, S, V]
+        if last_only:
+            h = h[:, -1:]  # [B, 1, D]
+        return self.lm_head(self.norm(h))  # [B, S or 1, V]
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kw) -> Tensor:
         """See mixtral_quant.generate.generate."""
