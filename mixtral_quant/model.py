@@ -92,7 +92,9 @@ class Transformer(nn.Module):
     def __init__(self, config: MixtralConfig, layers: bool = True):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight skips the random init (the loader assigns the checkpoint's): a meta normal_ imports dynamo
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers) if layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -261,7 +263,9 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(config: MixtralConfig, device=None) -> Tensor:
     hd = config.head_dim
-    return 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))  # [hd/2]
+    # fp32 on the CPU as transformers does, also under a meta device context (a meta arange imports dynamo: seconds)
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device="cpu") / hd))  # [hd/2]
+    return inv if device is None else inv.to(device)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
