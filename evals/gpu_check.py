@@ -83,6 +83,23 @@ def timed(run, reps: int) -> float:
     return statistics.median(times)
 
 
+def capture_graph(fn):
+    """(replay, "cuda_graph", None) for fn captured in one CUDA graph after a warm-up on a side stream, or
+    (fn, "eager", reason) when capture fails (the caller times plain launches then)."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay, "cuda_graph", None
+    except Exception as e:  # noqa: BLE001
+        return fn, "eager", f"{type(e).__name__}: {e}"[:300]
+
+
 def bench(fn, n_variants: int, reps: int, inner: int | None = None, graph: bool = True) -> dict:
     """Seconds per call of fn(i) (i cycles over n_variants weight copies so repeated calls miss L2).
 
@@ -96,19 +113,7 @@ def bench(fn, n_variants: int, reps: int, inner: int | None = None, graph: bool 
     how, why = "eager", None
     run = lambda: [fn(i % n_variants) for i in range(inner)]  # noqa: E731
     if CUDA and graph:
-        try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                run()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                run()
-            run, how = g.replay, "cuda_graph"
-        except Exception as e:  # noqa: BLE001
-            why = f"{type(e).__name__}: {e}"[:300]
-            run = lambda: [fn(i % n_variants) for i in range(inner)]  # noqa: E731
+        run, how, why = capture_graph(run)
     run()
     sync()
     return {"s": timed(run, reps) / inner, "timing": how, **({"graph_error": why} if why else {})}
@@ -390,19 +395,10 @@ def section_model(cfg: dict, res: dict, state: dict) -> None:
         sync()
         run, how = step, "eager"
         if CUDA:
-            try:
-                s_ = torch.cuda.Stream()
-                s_.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s_):
-                    step()
-                torch.cuda.current_stream().wait_stream(s_)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    step()
-                run, how = g.replay, "cuda_graph"
-            except Exception as e:  # noqa: BLE001
-                out["decode_graph_error"] = f"{type(e).__name__}: {e}"[:300]
-                log(f"decode: CUDA graph capture failed ({out['decode_graph_error']}); timing eager steps")
+            run, how, err = capture_graph(step)
+            if err:
+                out["decode_graph_error"] = err
+                log(f"decode: CUDA graph capture failed ({err}); timing eager steps")
         step_pos.fill_(P)
         run()
         sync()
