@@ -15,8 +15,8 @@ FMT = click.Choice(FORMATS)
 @cli.command()
 @click.argument("src", default="Mixtral-8x7B-v0.1")
 @click.option("--format", "fmt", type=FMT, help="Format of attention and experts together.")
-@click.option("--experts", type=FMT, help="Format of the expert weights [default: nf4].")
-@click.option("--attention", type=FMT, help="Format of q/k/v/o_proj [default: nf4].")
+@click.option("--experts", type=FMT, help="Format of the expert weights [default: the checkpoint's, else nf4].")
+@click.option("--attention", type=FMT, help="Format of q/k/v/o_proj [default: the checkpoint's, else nf4].")
 @click.option("--blocksize", type=int, default=64, show_default=True, help="NF4 block size.")
 @click.option("--no-double-quant", is_flag=True, help="NF4 absmax in fp32.")
 @click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per sequence.")
@@ -40,7 +40,9 @@ def plan(src, fmt, experts, attention, blocksize, no_double_quant, context, batc
     from ..plan import plan_memory
 
     config = resolve_config(src)
-    p = plan_memory(config, experts=experts or fmt or "nf4", attention=attention or fmt or "nf4",
+    packed = (config.raw.get("quantization_config") or {}).get("formats", {})  # a packed checkpoint's own recipe
+    p = plan_memory(config, experts=experts or fmt or packed.get("experts", "nf4"),
+                    attention=attention or fmt or packed.get("attention", "nf4"),
                     blocksize=blocksize, double_quant=not no_double_quant, context=context, batch=batch,
                     gpu_memory=gpu_memory)
     if as_json:

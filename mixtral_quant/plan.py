@@ -12,7 +12,8 @@ import torch
 from . import formats
 from .checkpoint import expected_shapes, tensor_class
 from .config import MixtralConfig
-from .quantize import parse_size, recipe
+from .devices import parse_size
+from .quantize import recipe
 
 CUDA_CONTEXT_BYTES = 500 * 2**20  # CUDA context + the allocator's slack, measured ~0.4-0.6 GB on recent drivers
 
@@ -64,8 +65,9 @@ def expert_bytes(config: MixtralConfig, fmt: str = "nf4", blocksize: int = 64, d
 
 def kv_cache_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1,
                    kv_dtype: torch.dtype = torch.bfloat16) -> int:
-    """K and V for every layer, preallocated at `context` positions (capped by a sliding window if any)."""
-    positions = min(context, config.sliding_window) if config.sliding_window else context
+    """K and V for every layer, preallocated at `context` positions. The model's KVCache keeps every position even
+    with a sliding window (the window is a mask), so no cap here."""
+    positions = context
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * kv_dtype.itemsize
     return batch * positions * per_token
 

@@ -127,3 +127,19 @@ def test_help_teaches():
     for cmd in ("quantize", "inspect", "plan"):
         r = run(cmd, "--help")
         assert r.exit_code == 0 and "Examples:" in r.output and f"mixq {cmd}" in r.output
+
+
+def test_plan_of_a_packed_checkpoint_uses_its_formats(tmp_path):
+    from mixtral_quant.quantize import quantize
+
+    src = write_checkpoint(tmp_path / "src", shards=2)
+    out = quantize(src, str(tmp_path / "q"), experts="int8", attention="bf16", progress=False).output
+    r = run("plan", out, "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    cfg = MixtralConfig.from_dict({"model_type": "mixtral", **TINY})
+    want = plan_memory(cfg, experts="int8", attention="bf16")
+    assert got["weights_bytes"] == want.weights_bytes and got["formats"] == {"attention": "bf16", "experts": "int8"}
+    # explicit flags still win over the checkpoint's recipe
+    r = run("plan", out, "--format", "nf4", "--json")
+    assert json.loads(r.output)["weights_bytes"] == plan_memory(cfg, experts="nf4", attention="nf4").weights_bytes

@@ -89,6 +89,12 @@ def test_bad_plan_arguments():
         plan_memory(M8x7, context=0)
 
 
-def test_sliding_window_caps_the_kv_cache():
+def test_kv_cache_matches_the_models_preallocated_cache():
+    # the model's KVCache holds every position, sliding window or not (the window is a mask)
+    from mixtral_quant.model import Transformer
+
     c = MixtralConfig.from_dict({"model_type": "mixtral", **TINY, "sliding_window": 64})
-    assert kv_cache_bytes(c, 4096) == kv_cache_bytes(c, 64)
+    m = Transformer(c)
+    m.setup_caches(2, 300)
+    held = sum(b.numel() * b.element_size() for layer in m.layers for b in layer.self_attn.kv_cache.buffers())
+    assert kv_cache_bytes(c, 300, batch=2, kv_dtype=torch.float32) == held
