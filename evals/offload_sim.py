@@ -225,7 +225,7 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
 
-    from mixtral_quant.quantize import parse_size
+    from mixtral_quant.devices import parse_size
 
     trace = read_trace(args.trace) if args.trace else record_trace(args.model, args.tokens, args.text)
     if args.save_trace:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointReader, resolve_source
+from .devices import parse_size, resolve_device
 from .formats import QUANT_STATE_KEY
 from .linear import QuantLinear, make_linear, resolve_backend
 from .model import Block, Transformer, rope_inv_freq
@@ -21,20 +22,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} not understood: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: only cpu and cuda are supported")
-    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, reader: CheckpointReader) -> torch.dtype:
@@ -54,22 +41,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, reader:
 
 def parse_max_memory(max_memory: int | str | None) -> int | None:
     """A device memory budget in bytes from an int or a size string ('16GiB', '24GB'); None = no budget."""
-    if max_memory is None:
-        return None
-    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, str)):
-        raise ValueError(f"max_memory {max_memory!r}: give bytes as an int or a size like '16GiB'")
-    if isinstance(max_memory, str):
-        from accelerate.utils import convert_file_size_to_int
-
-        try:
-            n = convert_file_size_to_int(max_memory.strip())
-        except ValueError:
-            raise ValueError(f"max_memory {max_memory!r} not understood: write it like 16GiB, 24GB or 8000MB") from None
-    else:
-        n = max_memory
-    if n <= 0:
-        raise ValueError(f"max_memory {max_memory!r} must be a positive size like 16GiB")
-    return n
+    return None if max_memory is None else parse_size(max_memory, "max_memory")
 
 
 def _tensors(reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:

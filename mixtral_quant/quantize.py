@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import formats
+from .devices import parse_size, resolve_device
 from .checkpoint import AUX_FILES, CheckpointReader, ShardWriter, check_output_dir, resolve_source, tensor_class
 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "mixtral-quant"
-QUANTIZED_CLASSES = ("attention", "experts")  # the rest (embeddings, lm_head, router, norms) keeps its dtype
 
 
 @dataclass
@@ -45,31 +45,6 @@ def recipe(fmt: str | None = None, experts: str = "nf4", attention: str = "nf4")
     for f in (experts, attention):
         formats.check_format(f)
     return {"attention": attention, "experts": experts}
-
-
-def parse_size(size: int | str) -> int:
-    """'2GB' / '500MiB' / 2000000000 -> bytes (accelerate's parser)."""
-    if isinstance(size, int):
-        return size
-    from accelerate.utils import convert_file_size_to_int
-
-    try:
-        n = convert_file_size_to_int(str(size).strip())
-    except (ValueError, TypeError):
-        n = -1
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"size {size!r} not understood; write it like 2GB, 500MB or 1GiB")
-    return n
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device {device!r}: choose auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but CUDA is not available; use --device cpu")
-    return torch.device(device)
 
 
 @contextmanager
@@ -119,7 +94,7 @@ def quantize(src: str, out: str, *, fmt: str | None = None, experts: str = "nf4"
     if "nf4" in fmts.values():
         formats.check_blocksize(blocksize)
     max_shard_bytes = parse_size(max_shard_size)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     out = os.path.abspath(out)
     check_output_dir(out, overwrite)  # before any download or read
     path = resolve_source(src)
