@@ -6,7 +6,7 @@ import time
 
 import click
 
-from .generate import compile_option, load, model_options, sampling_kwargs, sampling_options
+from .generate import compile_option, load, model_options, offload_line, sampling_kwargs, sampling_options
 from .main import cli
 
 
@@ -87,9 +87,7 @@ def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, 
         tps = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
         click.echo(f"[{n} tokens, {tps:.1f} tok/s, prompt {len(ids)} tokens]", err=True)
         if stats:
-            s = model.offload_stats()
-            click.echo("[offload: " + (", ".join(f"{k} {v}" for k, v in s.items()) or "all experts resident") + "]",
-                       err=True)  # fmt: skip
+            click.echo(offload_line(model.offload_stats()), err=True)
 
 
 def _drop_oldest_turn(history: list[dict], has_system: bool) -> bool:

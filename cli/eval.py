@@ -70,10 +70,14 @@ def eval_(quant, reference, text_file, dataset, context, max_tokens, device, dty
     ref_dir = resolve_source(reference)
     resolve_source(quant)
     text, text_src = load_text(text_file, dataset, ref_dir)
-    if context is None:
-        from ..config import MixtralConfig
+    from ..config import MixtralConfig
 
-        context = min(DEFAULT_CONTEXT, MixtralConfig.from_file(ref_dir).max_position_embeddings)
+    max_pos = MixtralConfig.from_file(ref_dir).max_position_embeddings
+    if context is None:
+        context = min(DEFAULT_CONTEXT, max_pos)
+    elif context > max_pos:
+        raise EvalError(f"--context {context} is longer than the model supports (max_position_embeddings "
+                        f"{max_pos} in {ref_dir}/config.json); use --context {max_pos} or less")
     ids = encode_text(text, ref_dir)
     windows = token_windows(ids, context, max_tokens)
     used = min(len(ids), max_tokens or len(ids))

@@ -48,6 +48,11 @@ def load(path, device, dtype, backend, max_memory):
     return model, time.perf_counter() - t0
 
 
+def offload_line(s: dict) -> str:
+    """`--stats`: one line of expert-cache counters ("slots" only exists when some experts are offloaded)."""
+    return "[offload: " + (", ".join(f"{k} {v}" for k, v in s.items()) if "slots" in s else "all experts resident") + "]"
+
+
 def sampling_kwargs(temperature, top_p, top_k, seed) -> dict:
     return dict(do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k, seed=seed)
 
@@ -116,6 +121,4 @@ def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, devi
                f"decode {tps:.1f} tok/s{'' if compile_s is None else f' (compiling: {compile_s:.1f} s)'}; "
                f"load {load_s:.1f} s]", err=True)  # fmt: skip
     if stats:
-        s = model.offload_stats()
-        click.echo("[offload: " + (", ".join(f"{k} {v}" for k, v in s.items()) or "all experts resident") + "]",
-                   err=True)  # fmt: skip
+        click.echo(offload_line(model.offload_stats()), err=True)

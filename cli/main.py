@@ -15,7 +15,9 @@ class MixqGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except (ValueError, OSError, RuntimeError, KeyError) as e:
+        except (ValueError, OSError, RuntimeError) as e:
+            if ctx.params.get("verbose"):  # -v: the traceback too, for bug reports
+                raise
             click.echo(f"mixq: error: {e}", err=True)
             sys.exit(1)
 

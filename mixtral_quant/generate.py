@@ -32,6 +32,8 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0 or self.top_k):
+            log.warning("temperature/top_p/top_k are ignored without do_sample=True: decoding greedily")
 
 
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:

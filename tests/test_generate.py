@@ -103,3 +103,14 @@ def test_bad_generation_arguments(model):
         model.generate(torch.tensor([[5, 6, 7]]), 3, attention_mask=torch.tensor([[1, 1]]))
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, prompt length >= 1\]"):
         model.generate(torch.tensor([5, 6]), 3)
+
+
+def test_sampling_options_without_do_sample_warn_and_decode_greedily(caplog):
+    with caplog.at_level("WARNING", logger="mixtral_quant.generate"):
+        s = Sampling(do_sample=False, temperature=0.7)
+    assert not s.do_sample
+    assert "ignored without do_sample=True" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mixtral_quant.generate"):
+        Sampling(do_sample=True, temperature=0.7)
+    assert caplog.text == ""
