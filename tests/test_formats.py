@@ -33,16 +33,16 @@ def test_nf4_matches_bitsandbytes(shape, dtype, blocksize):
         ref[formats.QUANT_STATE_KEY]
     )
     # The nested (8-bit) absmax codes: ours are the nearest code (as bitsandbytes' reference torch kernel).
-    # bitsandbytes' C++ CPU search picks another code on near-ties (~0.1-0.4% of blocks): check in float64
+    # bitsandbytes' C++ CPU search picks another code on near-ties (0.1-0.4% of large tensors' codes, a few
+    # percent of small ones): the real check is in float64,
     # that ours is never farther from the true value than bitsandbytes' choice.
     a, b = ours["weight.absmax"].long(), ref["absmax"].long()
-    assert (a != b).sum() <= max(4, 0.02 * a.numel())
-    absmax = w.double().reshape(-1, blocksize).abs().amax(1) if w.numel() % blocksize == 0 else None
-    if absmax is not None and absmax.numel() % 256 == 0:
-        x = (absmax - absmax.mean()).view(-1, 256)
-        x = (x / x.abs().amax(1, keepdim=True)).view(-1)
-        code = formats.dynamic_map().double()
-        assert ((x - code[a]).abs() <= (x - code[b]).abs() + 1e-6).all()
+    assert (a != b).sum() <= max(8, 0.10 * a.numel())  # measured worst over 900 draws: 6.6% (91 codes)
+    absmax = torch.stack([blk.abs().max() for blk in w.double().reshape(-1).split(blocksize)])  # last may be short
+    x = absmax - absmax.mean()
+    x = torch.cat([c / c.abs().max() for c in x.split(256)])  # scaled per nested block of 256
+    code = formats.dynamic_map().double()
+    assert ((x - code[a]).abs() <= (x - code[b]).abs() + 1e-6).all()
     # and bitsandbytes decodes our bytes to exactly our values
     qs = bnbF.QuantState.from_dict({k.removeprefix("weight."): v for k, v in ours.items() if k != "weight"}, "cpu")
     assert torch.equal(bnbF.dequantize_4bit(ours["weight"], qs), dequantize_tensor(ours))
