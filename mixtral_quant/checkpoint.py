@@ -22,10 +22,11 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 BUILTIN_PREFIX = "builtin:"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Files copied next to the weights: the tokenizer and the generation defaults.
-AUX_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "generation_config.json")
-HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model"]
+# Files copied next to the weights: the tokenizer (also named after its version, as mistral-common does) and the
+# generation defaults.
+AUX_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v2", "tokenizer.model.v3", "tokenizer.model.v7",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "tokenizer.model.v*"]
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
               "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
               "BOOL": torch.bool}
