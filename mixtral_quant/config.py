@@ -113,8 +113,8 @@ KNOWN_CONFIGS = {
         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
     ),
-    "Mixtral-8x22B-v0.1": dict(
-        vocab_size=32000, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+    "Mixtral-8x22B-v0.1": dict(  # the v3 tokenizer's 32768 tokens ([INST] ... as control tokens)
+        vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
         num_attention_heads=48, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
         max_position_embeddings=65536, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
     ),

@@ -1,6 +1,6 @@
 """Mixtral's SentencePiece tokenizer, its instruct format taken from mistral-common for the version the checkpoint
-ships (v1 for 8x7B: `<s>[INST] user [/INST] answer</s>`; v3 for 8x22B: `[INST]`/`[/INST]` as control tokens), and
-incremental decoding that streams text with SentencePiece spacing and multi-byte characters intact.
+ships (v1 for 8x7B: `<s>[INST] user [/INST] answer</s>` as text; v3 for 8x22B: `[INST]`/`[/INST]` as control
+tokens), and incremental decoding that streams text with SentencePiece spacing and multi-byte characters intact.
 
 The model file is the checkpoint's tokenizer (`tokenizer.model.vN` as mistral-common names it, else
 `tokenizer.model`), else mistral-common's bundled Mixtral (v1) tokenizer.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -53,10 +54,11 @@ def hub_state_dict(cfg: dict, dtype=torch.bfloat16, seed: int = 0) -> dict[str, 
 
 
 def write_checkpoint(path, cfg: dict | None = None, *, shards: int = 3, dtype=torch.bfloat16, seed: int = 0,
-                     config_style: int = 4, state_dict: dict | None = None) -> str:
+                     config_style: int = 4, state_dict: dict | None = None, tokenizer: str | None = None) -> str:
     """Write a random (or given) Mixtral checkpoint at `path`, Hub layout, `shards` shards with an index.
 
     config_style 4 writes transformers-4.x keys (rope_theta, torch_dtype); 5 writes 5.x keys (rope_parameters, dtype).
+    tokenizer: a SentencePiece file copied in as `tokenizer.model` (as Hub checkpoints ship it); None: no tokenizer.
     """
     cfg = {**TINY, **(cfg or {})}
     os.makedirs(path, exist_ok=True)
@@ -84,6 +86,8 @@ def write_checkpoint(path, cfg: dict | None = None, *, shards: int = 3, dtype=to
         json.dump(conf, f, indent=2)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, f)
+    if tokenizer is not None:
+        shutil.copy(tokenizer, os.path.join(path, "tokenizer.model"))
     return str(path)
 
 
