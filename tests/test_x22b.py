@@ -135,3 +135,14 @@ def test_evaluate_against_transformers(ckpt, tmp_path):
         nll = -logp[:, :-1].gather(-1, windows[:, 1:, None]).mean().item()
         assert math.isclose(score.ppl, math.exp(nll), rel_tol=RTOL), path
     assert res.kld_mean > 0 and res.tokens == windows[:, 1:].numel()
+
+
+def test_a_versioned_tokenizer_file_travels_with_the_checkpoint(tmp_path):
+    """A `tokenizer.model.v3` (mistral-common naming, no plain tokenizer.model): quantize copies it, load reads it."""
+    src = write_checkpoint(tmp_path / "src", shards=1)
+    with open(v3_file(), "rb") as f, open(os.path.join(src, "tokenizer.model.v3"), "wb") as g:
+        g.write(f.read())
+    quantize(src, str(tmp_path / "nf4"), fmt="nf4", progress=False)
+    tok = load_quantized(str(tmp_path / "nf4"), device="cpu").tokenizer
+    assert (os.path.basename(tok.model_file), tok.version) == ("tokenizer.model.v3", "v3")
+    assert not os.path.exists(tmp_path / "nf4" / "tokenizer.model")
