@@ -20,11 +20,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from conftest import write_checkpoint
 from mixtral_quant import load_quantized
-from mixtral_quant.checkpoint import CheckpointReader
 from mixtral_quant.cli.main import cli
 from mixtral_quant.config import MixtralConfig
 from mixtral_quant.evaluate import encode_text, evaluate, token_windows
-from mixtral_quant.offload import place_experts
 from mixtral_quant.quantize import quantize
 from test_model import oracle, rel_err
 
@@ -109,8 +107,7 @@ def test_offloaded_greedy_tokens_equal_resident(ckpt, resident):
     tok = resident.tokenizer
     ids = torch.tensor([tok.apply_chat_template([{"role": r, "content": c} for r, c in CHAT])])
     want = resident.generate(ids, 12, eos=[])
-    with CheckpointReader(ckpt[1]) as r:
-        p0 = place_experts(r, "cpu", torch.float32, 2**40)
+    p0 = load_quantized(ckpt[1], device="cpu", tokenizer=False, max_memory=2**40).expert_placement  # all resident
     L, E = X22B["num_hidden_layers"], X22B["num_local_experts"]
     for per_layer in (1, 2, 5):
         budget = p0.fixed_bytes + per_layer * L * p0.slot_bytes
