@@ -19,11 +19,12 @@ FMT = click.Choice(FORMATS)
 @click.option("--attention", type=FMT, help="Format of q/k/v/o_proj [default: the checkpoint's, else nf4].")
 @click.option("--blocksize", type=int, default=64, show_default=True, help="NF4 block size.")
 @click.option("--no-double-quant", is_flag=True, help="NF4 absmax in fp32.")
+@click.option("--group-size", type=int, default=None, help="int4 inputs per scale [default: the checkpoint's, else 128].")
 @click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per sequence.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences at once.")
 @click.option("--gpu-memory", help="GPU budget (40GB, 24GiB, ...): says whether it fits, else what to offload.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan(src, fmt, experts, attention, blocksize, no_double_quant, context, batch, gpu_memory, as_json):
+def plan(src, fmt, experts, attention, blocksize, no_double_quant, group_size, context, batch, gpu_memory, as_json):
     """GPU memory needed to run SRC quantized: weights per class, KV cache, workspace.
 
     SRC is a known name (Mixtral-8x7B-v0.1, Mixtral-8x22B-v0.1; the default), a checkpoint directory, a
@@ -36,14 +37,20 @@ def plan(src, fmt, experts, attention, blocksize, no_double_quant, context, batc
       mixq plan mistralai/Mixtral-8x7B-v0.1 --gpu-memory 24GB --json
       mixq plan ./mixtral-nf4 --experts int8 --context 32768
     """
+    from .. import compressed
     from ..checkpoint import resolve_config
     from ..plan import plan_memory
 
     config = resolve_config(src)
-    packed = (config.raw.get("quantization_config") or {}).get("formats", {})  # a packed checkpoint's own recipe
+    qc = config.raw.get("quantization_config") or {}
+    packed = qc.get("formats", {})  # a packed checkpoint's own recipe
+    if compressed.is_compressed_tensors(qc):
+        group_size = group_size or compressed.check_config(qc, f"{src}: config.json")
+        packed = compressed.recipe_from_config(qc)
     p = plan_memory(config, experts=experts or fmt or packed.get("experts", "nf4"),
                     attention=attention or fmt or packed.get("attention", "nf4"),
-                    blocksize=blocksize, double_quant=not no_double_quant, context=context, batch=batch,
+                    blocksize=blocksize, double_quant=not no_double_quant, group_size=group_size or 128,
+                    context=context, batch=batch,
                     gpu_memory=gpu_memory)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))

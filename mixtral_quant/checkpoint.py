@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 from safetensors import safe_open
 
+from . import compressed, formats
 from .config import MixtralConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,6 +50,10 @@ class CheckpointReader:
         if not os.path.isdir(self.path):
             raise CheckpointError(f"{path}: no such checkpoint directory")
         self.config = MixtralConfig.from_file(self.path)
+        qc = self.config.raw.get("quantization_config")
+        # compressed-tensors W4A16 (ours or the Hub's): its int4 weights are repacked to NF4 by module() below
+        self.int4_group_size = (compressed.check_config(qc, os.path.join(self.path, "config.json"))
+                                if compressed.is_compressed_tensors(qc) else None)  # fmt: skip
         self._handles: dict[str, object] = {}
         self.weight_map = self._read_weight_map()  # tensor name -> shard file name
         for shard in sorted(set(self.weight_map.values())):
@@ -171,7 +176,31 @@ class CheckpointReader:
     def module(self, prefix: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """All tensors under `prefix.` with the prefix removed (e.g. 'weight', 'weight.absmax', 'SCB')."""
         p = prefix + "."
-        return {k[len(p):]: self.get(k, device) for k in self.modules_index().get(prefix, ())}
+        t = {k[len(p):]: self.get(k, device) for k in self.modules_index().get(prefix, ())}
+        if any(k in t for k in formats.INT4_KEYS):
+            return self._int4_module(prefix, t)
+        return t
+
+    def _int4_module(self, prefix: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A compressed-tensors int4 linear, repacked once into the NF4 layout the model and kernels run."""
+        for extra, what in (("weight_zero_point", "asymmetric int4 (zero points)"),
+                            ("weight_g_idx", "activation-ordered groups (weight_g_idx)")):
+            if extra in t:
+                raise CheckpointError(f"{self.path}: {prefix}.{extra}: {what} is not supported; supported: "
+                                      "W4A16 pack-quantized, symmetric, strategy group")  # fmt: skip
+        for k in formats.INT4_KEYS:
+            if k not in t:
+                raise CheckpointError(f"{self.path}: tensor {prefix}.{k!r} is missing (an int4 weight needs "
+                                      f"{', '.join(formats.INT4_KEYS)}); re-quantize or re-download the checkpoint")
+        try:
+            d = formats.int4_as_nf4(t, prefix)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{self.path}: {e.args[0]}; re-quantize or re-download the checkpoint") from None
+        group = formats.unpack_quant_state(d["weight." + formats.QUANT_STATE_KEY])["blocksize"]
+        if self.int4_group_size is not None and group != self.int4_group_size:
+            raise CheckpointError(f"{self.path}: {prefix}.weight_scale implies groups of {group}, config.json says "
+                                  f"{self.int4_group_size}; the config and the weights disagree")
+        return d
 
     def modules_index(self) -> dict[str, list[str]]:
         """Module prefix -> the full key names stored for it (a quantized weight has several)."""
@@ -460,6 +489,8 @@ def inspect_checkpoint(path: str) -> dict:
                 params = math.prod(meta["shape"])
             elif "SCB" in rel:
                 fmt, params = "int8", math.prod(r.info(prefix + ".weight")[1])
+            elif "weight_packed" in rel:  # compressed-tensors int4: weight_shape holds [out, in]
+                fmt, params = "int4", math.prod(r.get(prefix + ".weight_shape").tolist())
             else:
                 dtype, shape = r.info(keys[0] if len(keys) == 1 else prefix + ".weight")
                 fmt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))

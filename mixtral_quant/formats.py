@@ -26,6 +26,19 @@ int8 (bitsandbytes `int8_vectorwise_quant`, row-wise symmetric absmax)
   X.SCB     float32 [out]    max |w| of each row
   decode: w = weight * SCB[:, None] / 127
 
+int4 (compressed-tensors "pack-quantized" W4A16: symmetric, round-to-nearest, one scale per group of
+      `group_size` consecutive inputs of a row, as vLLM and llm-compressor read and write it)
+  X.weight_packed  int32 [out, in/8]   q = clamp(round(w / scale), -8, 7) stored as q + 8 (0..15), eight per
+                                       word along the input dim: element 8j+i in bits 4i..4i+3 of word j (the
+                                       first element in the LOW nibble; little-endian bytes, so byte b of a row
+                                       holds element 2b low and 2b+1 high)
+  X.weight_scale   source dtype [out, in/group_size]   max |w| of the group / 7.5 (0 -> that dtype's eps)
+  X.weight_shape   int64 [2]           [out, in]
+  decode: w = q * scale (the product in the scale's dtype). `int4_as_nf4` repacks one weight ONCE into the
+  NF4 layout above (code table = the integers -8..7, absmax = fp32 scale, blocksize = group size, no double
+  quant, nibbles swapped to bitsandbytes' high-first order) so the NF4 kernels run it unchanged. The
+  compressed-tensors config block and checkpoint detection live in compressed.py.
+
 bf16 / fp16: X.weight stored unchanged in that dtype.
 """
 
@@ -40,11 +53,16 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-FORMATS = ("nf4", "int8", "bf16", "fp16")
+FORMATS = ("nf4", "int8", "int4", "bf16", "fp16")
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+INT4_KEYS = ("weight_packed", "weight_scale", "weight_shape")
+INT4_GROUP_SIZE = 128
+# Groups run as NF4 absmax blocks in the kernels, whose K tiles need a power-of-two block.
+INT4_GROUP_SIZES = NF4_BLOCKSIZES
+INT4_CODE = tuple(float(i) for i in range(-8, 8))  # nibble k <-> the integer k - 8
 
 # QLoRA's NormalFloat4: 16 quantiles of N(0, 1) scaled to [-1, 1], sorted (bitsandbytes' table).
 NF4_CODE = (
@@ -55,8 +73,11 @@ NF4_CODE = (
 )  # fmt: skip
 
 # Bits stored per parameter, statistics included (for plans and summaries).
-def bits_per_param(fmt: str, blocksize: int = 64, double_quant: bool = True) -> float:
+def bits_per_param(fmt: str, blocksize: int = 64, double_quant: bool = True,
+                   group_size: int = INT4_GROUP_SIZE) -> float:
     check_format(fmt)
+    if fmt == "int4":
+        return 4 + 16 / group_size  # bf16/fp16 scales, as from a half-precision source
     if fmt == "nf4":
         if double_quant:
             return 4 + 8 / blocksize + 32 / (blocksize * NESTED_BLOCKSIZE)
@@ -76,12 +97,26 @@ def check_blocksize(blocksize: int) -> None:
         raise ValueError(f"nf4 blocksize must be a power of two from 32 to 4096, got {blocksize}")
 
 
-def packed_nbytes(fmt: str, shape: tuple[int, ...], blocksize: int = 64, double_quant: bool = True) -> int:
-    """Exact bytes that quantize_tensor(w of `shape`, fmt) stores, all keys together."""
+def check_group_size(group_size: int, in_features: int | None = None, name: str = "weight") -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size must be a power of two from 32 to 4096 (our kernels read a group as one "
+                         f"block), got {group_size}")
+    if in_features is not None and in_features % group_size:
+        fits = [g for g in INT4_GROUP_SIZES if in_features % g == 0]
+        fix = f"choose one that divides it (--group-size {fits[-1]})" if fits else "int4 cannot hold this weight"
+        raise ValueError(f"{name}: int4 group size {group_size} does not divide the input dimension {in_features}; "
+                         + fix)
+
+
+def packed_nbytes(fmt: str, shape: tuple[int, ...], blocksize: int = 64, double_quant: bool = True,
+                  group_size: int = INT4_GROUP_SIZE) -> int:
+    """Exact bytes that quantize_tensor(w of `shape`, fmt) stores, all keys together (int4: from a 16-bit source)."""
     check_format(fmt)
     n = 1
     for s in shape:
         n *= s
+    if fmt == "int4":
+        return n // 2 + 2 * (n // group_size) + 16
     if fmt == "nf4":
         blocks = -(-n // blocksize)
         if not double_quant:
@@ -357,8 +392,101 @@ def dequantize_int8(d: dict[str, Tensor], dtype: torch.dtype = torch.float32) ->
     return (d["weight"].float() * (d["SCB"].float() / 127.0)[:, None]).to(dtype)
 
 
-def quantize_tensor(w: Tensor, fmt: str, blocksize: int = 64, double_quant: bool = True) -> dict[str, Tensor]:
-    """Quantize one weight to `fmt`; returns the tensors saved for a parameter named `weight`."""
+def _int4_pairs_to_bnb(b: Tensor) -> Tensor:
+    """uint8 bytes of little-endian int32 words (element 2i low, 2i+1 high) <-> bitsandbytes' order (2i high):
+    swap the nibbles of every byte. Its own inverse."""
+    return (b << 4) | (b >> 4)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int8 [out, in] values in -8..7 -> int32 [out, in/8] words, as compressed-tensors' pack_to_int32(q, 4)."""
+    out_f, in_f = q.shape
+    if in_f % 8:
+        raise ValueError(f"int4 packs eight values per int32 word; the input dimension {in_f} is not a multiple of 8")
+    u = (q.to(torch.int16) + 8).to(torch.uint8).view(out_f, in_f // 2, 2)
+    b = u[..., 0] | (u[..., 1] << 4)  # [out, in/2]: element 2i in the low nibble
+    if sys.byteorder != "little":
+        b = b.view(out_f, in_f // 8, 4).flip(-1)
+    return b.contiguous().view(torch.int32).view(out_f, in_f // 8)
+
+
+def unpack_int4(packed: Tensor, shape: tuple[int, int] | list[int]) -> Tensor:
+    """int32 [out, in/8] -> int8 [out, in] values in -8..7 (inverse of pack_int4)."""
+    out_f, in_f = (int(s) for s in shape)
+    b = packed.contiguous().view(torch.uint8)
+    if sys.byteorder != "little":
+        b = b.view(out_f, -1, 4).flip(-1)
+    b = b.reshape(out_f, -1)
+    return (torch.stack((b & 0xF, b >> 4), dim=-1).view(out_f, -1)[:, :in_f].to(torch.int8) - 8)
+
+
+def quantize_int4(w: Tensor, group_size: int = INT4_GROUP_SIZE) -> dict[str, Tensor]:
+    """Symmetric round-to-nearest int4 per group (compressed-tensors' calculate_qparams + quantize for num_bits 4,
+    symmetric, strategy group): scale = max |w| / 7.5 in w's dtype, q = clamp(round(w / scale), -8, 7)."""
+    if w.dim() != 2:
+        raise ValueError(f"int4 quantizes 2-D [out, in] weights, got shape {tuple(w.shape)}")
+    if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"int4 quantizes bf16, fp16 or fp32 tensors, got {w.dtype}")
+    out_f, in_f = w.shape
+    check_group_size(group_size, in_f)
+    g = w.reshape(out_f, in_f // group_size, group_size)
+    amax = g.abs().amax(dim=-1)
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("the weight holds NaN or Inf values; int4 cannot represent them")
+    scale = amax / 7.5  # in w's dtype, as the library computes it
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype, device=w.device), scale)
+    q = torch.round((g.float() / scale.float()[..., None]).clamp_(-8, 7)).to(torch.int8)
+    return {"weight_packed": pack_int4(q.view(out_f, in_f)), "weight_scale": scale.contiguous(),
+            "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+
+
+def _int4_parts(d: dict[str, Tensor], name: str = "weight") -> tuple[Tensor, Tensor, tuple[int, int], int]:
+    """(packed, scale, (out, in), group size) of one int4 weight, checked against each other."""
+    for k in INT4_KEYS:
+        if k not in d:
+            raise KeyError(f"{name}: tensor {k!r} is missing")
+    packed, scale, shape = d["weight_packed"], d["weight_scale"], d["weight_shape"]
+    out_f, in_f = (int(s) for s in shape.tolist())
+    if packed.dtype != torch.int32 or tuple(packed.shape) != (out_f, -(-in_f // 8)):
+        raise ValueError(f"{name}: weight_packed is {packed.dtype} {tuple(packed.shape)}, expected int32 "
+                         f"{(out_f, -(-in_f // 8))} for weight_shape {[out_f, in_f]}")
+    if scale.dim() != 2 or scale.shape[0] != out_f or scale.shape[1] == 0 or in_f % scale.shape[1]:
+        raise ValueError(f"{name}: weight_scale has shape {tuple(scale.shape)}, which is not [out, in/group] "
+                         f"for weight_shape {[out_f, in_f]}")
+    return packed, scale, (out_f, in_f), in_f // scale.shape[1]
+
+
+def dequantize_int4(d: dict[str, Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """w = q * scale, the product rounded to the scale's dtype (as compressed-tensors decompresses), then `dtype`."""
+    packed, scale, (out_f, in_f), group = _int4_parts(d)
+    q = unpack_int4(packed, (out_f, in_f)).view(out_f, in_f // group, group)
+    w = (q.float() * scale.float()[..., None]).to(scale.dtype).view(out_f, in_f)
+    return w.to(dtype) if dtype else w
+
+
+def int4_as_nf4(d: dict[str, Tensor], name: str = "weight") -> dict[str, Tensor]:
+    """Repack one int4 weight into the NF4 layout (keys as quantize_nf4 returns, no double quant): code table the
+    integers -8..7, absmax the fp32 group scale, blocksize the group size, bnb's nibble order. Same packed bytes,
+    so the NF4 kernels run it; done once at load."""
+    packed, scale, (out_f, in_f), group = _int4_parts(d, name)
+    if in_f % 8:
+        raise ValueError(f"{name}: input dimension {in_f} is not a multiple of 8; it cannot run as nf4 blocks")
+    check_group_size(group, in_f, name)
+    b = packed.contiguous().view(torch.uint8)
+    if sys.byteorder != "little":
+        b = b.view(-1, 4).flip(-1)
+    meta = {"quant_type": "int4", "blocksize": group, "dtype": str(scale.dtype).removeprefix("torch."),
+            "shape": [out_f, in_f]}
+    return {"weight": _int4_pairs_to_bnb(b.reshape(-1, 1)),
+            "weight.absmax": scale.float().reshape(-1),
+            "weight.quant_map": torch.tensor(INT4_CODE, dtype=torch.float32, device=packed.device),
+            "weight." + QUANT_STATE_KEY: pack_quant_state(meta)}
+
+
+def quantize_tensor(w: Tensor, fmt: str, blocksize: int = 64, double_quant: bool = True,
+                    group_size: int = INT4_GROUP_SIZE) -> dict[str, Tensor]:
+    """Quantize one weight to `fmt`; returns the tensors saved for a parameter named `weight` (int4: the module's
+    weight_packed / weight_scale / weight_shape)."""
     check_format(fmt)
     if not w.is_floating_point():
         raise ValueError(f"expected a floating-point weight, got {w.dtype}")
@@ -366,6 +494,8 @@ def quantize_tensor(w: Tensor, fmt: str, blocksize: int = 64, double_quant: bool
         return quantize_nf4(w, blocksize, double_quant)
     if fmt == "int8":
         return quantize_int8(w)
+    if fmt == "int4":
+        return quantize_int4(w, group_size)
     return {"weight": w.to(FLOAT_DTYPES[fmt]).contiguous()}
 
 
@@ -376,6 +506,8 @@ def detect_format(d: dict[str, Tensor] | set[str] | list[str]) -> str:
         return "nf4"
     if "SCB" in keys:
         return "int8"
+    if "weight_packed" in keys:
+        return "int4"
     if "weight" in keys and isinstance(d, dict):
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(d["weight"].dtype, "fp32")
     raise ValueError(f"cannot tell the format of a parameter saved as {sorted(keys)}")
@@ -388,6 +520,8 @@ def dequantize_tensor(d: dict[str, Tensor], dtype: torch.dtype | None = None) ->
         return dequantize_nf4(d, dtype)
     if fmt == "int8":
         return dequantize_int8(d, dtype or torch.float32)
+    if fmt == "int4":
+        return dequantize_int4(d, dtype)
     return d["weight"].to(dtype) if dtype else d["weight"]
 
 
@@ -399,6 +533,8 @@ def param_suffixes(fmt: str, double_quant: bool = True) -> tuple[str, ...]:
         return ("weight", "weight.absmax", "weight.quant_map", *nested, "weight." + QUANT_STATE_KEY)
     if fmt == "int8":
         return ("weight", "SCB")
+    if fmt == "int4":
+        return INT4_KEYS
     return ("weight",)
 
 

@@ -153,6 +153,9 @@ def load_quantized(path_or_repo_id: str, device: str | torch.device = "auto", dt
     path = resolve_source(path_or_repo_id)
     reader = CheckpointReader(path)
     with reader:
+        if backend == "bnb" and reader.int4_group_size is not None:  # bnb's nf4 ops ignore our int4 code table
+            raise ValueError(f"{path}: backend 'bnb' cannot run int4 (compressed-tensors) weights; "
+                             "use backend 'auto', 'torch' or 'triton'")
         dt = resolve_dtype(dtype, dev, reader)
         # expert offloading (offload.py): the budget is checked before anything is allocated
         placement = place_experts(reader, dev, dt, budget) if budget is not None else None

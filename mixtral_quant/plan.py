@@ -45,22 +45,25 @@ def _class_shapes(config: MixtralConfig) -> dict[str, list[tuple[int, ...]]]:
 
 
 def class_bytes(config: MixtralConfig, fmts: dict[str, str], blocksize: int = 64, double_quant: bool = True,
-                source_dtype: torch.dtype | None = None) -> tuple[dict[str, int], dict[str, int]]:
+                source_dtype: torch.dtype | None = None,
+                group_size: int = formats.INT4_GROUP_SIZE) -> tuple[dict[str, int], dict[str, int]]:
     """(bytes per class, params per class): quantized classes by formats.packed_nbytes, the rest in the source dtype."""
     itemsize = (source_dtype or config.torch_dtype).itemsize
     nbytes, params = {}, {}
     for cls, shapes in _class_shapes(config).items():
         fmt = fmts.get(cls)
-        nbytes[cls] = sum(formats.packed_nbytes(fmt, s, blocksize, double_quant) if fmt else math.prod(s) * itemsize
+        nbytes[cls] = sum(formats.packed_nbytes(fmt, s, blocksize, double_quant, group_size) if fmt
+                          else math.prod(s) * itemsize
                           for s in shapes)
         params[cls] = sum(math.prod(s) for s in shapes)
     return nbytes, params
 
 
-def expert_bytes(config: MixtralConfig, fmt: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> int:
+def expert_bytes(config: MixtralConfig, fmt: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                 group_size: int = formats.INT4_GROUP_SIZE) -> int:
     """Bytes of one expert's w1 + w2 + w3 in `fmt`."""
     D, F = config.hidden_size, config.intermediate_size
-    return sum(formats.packed_nbytes(fmt, s, blocksize, double_quant) for s in ((F, D), (D, F), (F, D)))
+    return sum(formats.packed_nbytes(fmt, s, blocksize, double_quant, group_size) for s in ((F, D), (D, F), (F, D)))
 
 
 def kv_cache_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1,
@@ -96,7 +99,8 @@ def resident_bytes(config: MixtralConfig, *, attention: str = "nf4", blocksize: 
 
 def plan_memory(config: MixtralConfig, *, experts: str = "nf4", attention: str = "nf4", blocksize: int = 64,
                 double_quant: bool = True, context: int = 4096, batch: int = 1, gpu_memory: int | str | None = None,
-                kv_dtype: torch.dtype = torch.bfloat16, fmt: str | None = None) -> Plan:
+                kv_dtype: torch.dtype = torch.bfloat16, fmt: str | None = None,
+                group_size: int = formats.INT4_GROUP_SIZE) -> Plan:
     """GPU memory for `config` quantized with the recipe, at `context` tokens x `batch` sequences.
 
     gpu_memory (bytes or '40GB'): when given, `fits` says whether everything fits, and `offload` how many
@@ -107,7 +111,9 @@ def plan_memory(config: MixtralConfig, *, experts: str = "nf4", attention: str =
     fmts = recipe(fmt, experts, attention)
     if "nf4" in fmts.values():
         formats.check_blocksize(blocksize)
-    nbytes, params = class_bytes(config, fmts, blocksize, double_quant)
+    if "int4" in fmts.values():
+        formats.check_group_size(group_size)
+    nbytes, params = class_bytes(config, fmts, blocksize, double_quant, group_size=group_size)
     weights = sum(nbytes.values())
     kv = kv_cache_bytes(config, context, batch, kv_dtype)
     work = workspace_bytes(config, context, batch)
@@ -115,7 +121,7 @@ def plan_memory(config: MixtralConfig, *, experts: str = "nf4", attention: str =
     budget = parse_size(gpu_memory) if gpu_memory is not None else None
     fits = None if budget is None else total <= budget
     L, E, A = config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
-    one = expert_bytes(config, fmts["experts"], blocksize, double_quant)
+    one = expert_bytes(config, fmts["experts"], blocksize, double_quant, group_size)
     resident = total - nbytes["experts"]
     offload = {"needed": False, "possible": True, "expert_bytes": one, "resident_bytes": resident,
                "experts_per_layer_on_device": E, "experts_per_layer_on_host": 0, "host_bytes": 0,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import formats
+from . import compressed, formats
 from .devices import parse_size, resolve_device
 from .checkpoint import AUX_FILES, CheckpointReader, ShardWriter, check_output_dir, resolve_source, tensor_class
 
@@ -44,7 +44,22 @@ def recipe(fmt: str | None = None, experts: str = "nf4", attention: str = "nf4")
         experts = attention = fmt
     for f in (experts, attention):
         formats.check_format(f)
+    if "int4" in (experts, attention) and {experts, attention} & {"nf4", "int8"}:
+        raise ValueError(f"attention {attention} with experts {experts}: an int4 checkpoint is a compressed-tensors "
+                         "one, which holds no nf4/int8 weights; use int4 (or bf16/fp16) for both classes")
     return {"attention": attention, "experts": experts}
+
+
+def int4_ignore(config, fmts: dict[str, str]) -> list[str]:
+    """The linears a compressed-tensors int4 checkpoint leaves unquantized, by full module name: lm_head, every
+    router, and the attention projections when attention is not int4."""
+    ignore = ["lm_head"]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if fmts["attention"] != "int4":
+            ignore += [p + f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        ignore.append(p + "block_sparse_moe.gate")
+    return ignore
 
 
 @contextmanager
@@ -72,27 +87,32 @@ def plan_tensors(reader: CheckpointReader, fmts: dict[str, str]) -> list[tuple[s
     return [(k, c, fmts.get(c)) for k in names for c in [tensor_class(k)]]
 
 
-def estimate_output_bytes(reader: CheckpointReader, todo, blocksize: int, double_quant: bool) -> int:
+def estimate_output_bytes(reader: CheckpointReader, todo, blocksize: int, double_quant: bool,
+                          group_size: int = formats.INT4_GROUP_SIZE) -> int:
     total = 0
     for name, _, fmt in todo:
         dtype, shape = reader.info(name)
-        total += formats.packed_nbytes(fmt, shape, blocksize, double_quant) if fmt else reader.nbytes(name)
+        total += formats.packed_nbytes(fmt, shape, blocksize, double_quant, group_size) if fmt else reader.nbytes(name)
     return total
 
 
 def quantize(src: str, out: str, *, fmt: str | None = None, experts: str = "nf4", attention: str = "nf4",
-             blocksize: int = 64, double_quant: bool = True, device: str = "auto", max_shard_size: int | str = "2GB",
-             overwrite: bool = False, progress: bool = True) -> QuantizeResult:
+             blocksize: int = 64, double_quant: bool = True, group_size: int = formats.INT4_GROUP_SIZE,
+             device: str = "auto", max_shard_size: int | str = "2GB", overwrite: bool = False,
+             progress: bool = True) -> QuantizeResult:
     """Quantize the attention projections and experts of the Mixtral checkpoint `src` into directory `out`.
 
     src: a directory, a Hugging Face repo id, or builtin:tiny-mixtral. The output is an HF-style directory
     (shards, index, config.json with quantization_config, tokenizer files) that appears only when complete.
+    int4 (`group_size` inputs per scale) writes a compressed-tensors W4A16 pack-quantized checkpoint.
     """
     from tqdm.auto import tqdm
 
     fmts = recipe(fmt, experts, attention)
     if "nf4" in fmts.values():
         formats.check_blocksize(blocksize)
+    if "int4" in fmts.values():
+        formats.check_group_size(group_size)
     max_shard_bytes = parse_size(max_shard_size)
     dev = resolve_device(device)
     out = os.path.abspath(out)
@@ -104,7 +124,11 @@ def quantize(src: str, out: str, *, fmt: str | None = None, experts: str = "nf4"
     with CheckpointReader(path) as reader, _all_cores(dev):
         reader.validate_source()
         todo = plan_tensors(reader, fmts)
-        estimate = estimate_output_bytes(reader, todo, blocksize, double_quant)
+        for name, _, f in todo:  # every weight's groups must fit its rows before anything is written
+            if f == "int4":
+                formats.check_group_size(group_size, reader.info(name)[1][-1],
+                                         f"{os.path.join(path, reader.weight_map[name])}: {name}")
+        estimate = estimate_output_bytes(reader, todo, blocksize, double_quant, group_size)
         parent = _existing_ancestor(os.path.dirname(out))
         free = shutil.disk_usage(parent).free
         if free < estimate * 1.02:
@@ -123,7 +147,7 @@ def quantize(src: str, out: str, *, fmt: str | None = None, experts: str = "nf4"
                 else:
                     prefix = name.removesuffix(".weight")
                     try:
-                        q = formats.quantize_tensor(w, f, blocksize, double_quant)
+                        q = formats.quantize_tensor(w, f, blocksize, double_quant, group_size)
                     except ValueError as e:  # e.g. NaN in a weight: say which tensor of which file
                         raise ValueError(f"{os.path.join(path, reader.weight_map[name])}: {name}: {e}") from None
                     packed = {f"{prefix}.{k}": v for k, v in q.items()}
@@ -138,9 +162,11 @@ def quantize(src: str, out: str, *, fmt: str | None = None, experts: str = "nf4"
                 bar.set_postfix_str(f"{in_bytes / 1e9 / max(time.perf_counter() - t0, 1e-9):.2f} GB/s", refresh=False)
             bar.close()
             src_dtype = reader.config.dtype
-            conf = reader.config.raw | {
-                "quantization_config": quantization_config(fmts, blocksize, double_quant, src_dtype)
-            }
+            if "int4" in fmts.values():
+                qc = compressed.quantization_config(group_size, int4_ignore(reader.config, fmts))
+            else:
+                qc = quantization_config(fmts, blocksize, double_quant, src_dtype)
+            conf = reader.config.raw | {"quantization_config": qc}
             writer.write_json("config.json", conf)
             for aux in AUX_FILES:
                 if os.path.isfile(os.path.join(path, aux)):
