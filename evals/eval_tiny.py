@@ -3,6 +3,7 @@ the accuracy table of evals/RESULTS.md, printed as markdown. Same numbers as `mi
 
     python evals/eval_tiny.py                           # 5 recipes vs bf16, context 256, the whole heldout.txt
     python evals/eval_tiny.py --max-tokens 4096 --plot-dir /tmp/plots   # quicker; one PNG per recipe
+    python evals/eval_tiny.py --recipes nf4,int8,int4 --threads 1       # a subset of the recipes
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ RECIPES = [
     ("int8-attn-nf4-experts", "--attention int8 --experts nf4", dict(attention="int8", experts="nf4"), None),
     ("bf16-attn-nf4-experts", "--attention bf16 --experts nf4", dict(attention="bf16", experts="nf4"), None),
     ("nf4-attn-int8-experts", "--attention nf4 --experts int8", dict(attention="nf4", experts="int8"), None),
+    # int4 (compressed-tensors W4A16): the tiny model's rows are 64 wide, so groups of 64 (NF4's block size here)
+    ("int4", "--format int4 --group-size 64", dict(attention="int4", experts="int4", group_size=64), None),
+    ("int4-g32", "--format int4 --group-size 32", dict(attention="int4", experts="int4", group_size=32), None),
 ]
 QUANTIZED = ("attention", "experts")
 
@@ -51,7 +55,15 @@ def main(argv=None) -> int:
     p.add_argument("--plot-dir", help="write <recipe>.png (weight error and drift per layer) here")
     p.add_argument("--json", dest="json_out", help="also write every result as JSON to this file")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared machine)")
+    p.add_argument("--recipes", help="comma-separated recipe names (default: all): " + ",".join(r[0] for r in RECIPES))
     args = p.parse_args(argv)
+    recipes = RECIPES
+    if args.recipes:
+        names = args.recipes.split(",")
+        unknown = sorted(set(names) - {r[0] for r in RECIPES})
+        if unknown:
+            p.error(f"unknown recipe(s) {', '.join(unknown)}")
+        recipes = [r for r in RECIPES if r[0] in names]
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,7 +77,7 @@ def main(argv=None) -> int:
     results, commands = [], []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="eval-tiny-") as tmp:
-        for name, qflags, recipe, goal in RECIPES:
+        for name, qflags, recipe, goal in recipes:
             out = quantize(src, os.path.join(tmp, name), device="cpu", progress=False, **recipe).output
             r = evaluate(out, src, windows, device="cpu", weight_errors=True, progress=False)
             qbits, allbits = bits(out)

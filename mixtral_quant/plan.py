@@ -47,12 +47,13 @@ def _class_shapes(config: MixtralConfig) -> dict[str, list[tuple[int, ...]]]:
 def class_bytes(config: MixtralConfig, fmts: dict[str, str], blocksize: int = 64, double_quant: bool = True,
                 source_dtype: torch.dtype | None = None,
                 group_size: int = formats.INT4_GROUP_SIZE) -> tuple[dict[str, int], dict[str, int]]:
-    """(bytes per class, params per class): quantized classes by formats.packed_nbytes, the rest in the source dtype."""
+    """(bytes per class, params per class) once loaded: quantized classes by formats.loaded_nbytes (the stored bytes,
+    but int4 scales in fp32), the rest in the source dtype."""
     itemsize = (source_dtype or config.torch_dtype).itemsize
     nbytes, params = {}, {}
     for cls, shapes in _class_shapes(config).items():
         fmt = fmts.get(cls)
-        nbytes[cls] = sum(formats.packed_nbytes(fmt, s, blocksize, double_quant, group_size) if fmt
+        nbytes[cls] = sum(formats.loaded_nbytes(fmt, s, blocksize, double_quant, group_size) if fmt
                           else math.prod(s) * itemsize
                           for s in shapes)
         params[cls] = sum(math.prod(s) for s in shapes)
@@ -63,7 +64,7 @@ def expert_bytes(config: MixtralConfig, fmt: str = "nf4", blocksize: int = 64, d
                  group_size: int = formats.INT4_GROUP_SIZE) -> int:
     """Bytes of one expert's w1 + w2 + w3 in `fmt`."""
     D, F = config.hidden_size, config.intermediate_size
-    return sum(formats.packed_nbytes(fmt, s, blocksize, double_quant, group_size) for s in ((F, D), (D, F), (F, D)))
+    return sum(formats.loaded_nbytes(fmt, s, blocksize, double_quant, group_size) for s in ((F, D), (D, F), (F, D)))
 
 
 def kv_cache_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1,
