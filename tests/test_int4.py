@@ -21,6 +21,7 @@ from conftest import TINY, hub_state_dict, write_checkpoint
 from mixtral_quant import formats, load_quantized
 from mixtral_quant.checkpoint import CheckpointError, CheckpointReader
 from mixtral_quant.cli.main import cli
+from mixtral_quant.loader import tracked_bytes
 from mixtral_quant.quantize import quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,6 +224,8 @@ def test_library_checkpoint_runs_offloaded_and_through_the_cli(tmp_path):
     path, _ = _library_checkpoint(tmp_path / "ct", cfg, 32, torch.bfloat16, _seed() % 1000)
     ids = torch.randint(3, SMALL["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(_seed()))
     resident = load_quantized(path, device="cpu", tokenizer=False)
+    held = {"attention": sum(tracked_bytes(b.self_attn) for b in resident.layers),  # before a KV cache exists
+            "experts": sum(tracked_bytes(b.block_sparse_moe.experts) for b in resident.layers)}
     offloaded = load_quantized(path, device="cpu", tokenizer=False, max_memory=_budget_for_some_slots(path))
     assert offloaded.expert_placement is not None and min(offloaded.expert_placement.slots) < 8
     assert torch.equal(resident.generate(ids, 8), offloaded.generate(ids, 8))
@@ -234,12 +237,8 @@ def test_library_checkpoint_runs_offloaded_and_through_the_cli(tmp_path):
     assert r.exit_code == 0, r.output
     plan = json.loads(r.output)
     assert plan["formats"] == {"attention": "int4", "experts": "int4"}
-    # the plan counts what a loaded model holds: the stored bytes with fp32 instead of bf16 scales, (+ a 4-byte
+    # the plan counts what a loaded model holds: the stored bytes with fp32 instead of bf16 scales (+ a 4-byte
     # nested-offset buffer per weight that QuantLinear keeps for nf4)
-    from mixtral_quant.loader import tracked_bytes
-
-    held = {"attention": sum(tracked_bytes(b.self_attn) for b in resident.layers),
-            "experts": sum(tracked_bytes(b.block_sparse_moe.experts) for b in resident.layers)}
     for c in ("attention", "experts"):
         n = info["classes"][c]["count"]
         assert 0 <= held[c] - plan["class_bytes"][c] <= 4 * n, (c, held[c], plan["class_bytes"][c])
