@@ -7,10 +7,9 @@ import time
 import click
 
 from .generate import compile_option, load, model_options, offload_line, sampling_kwargs, sampling_options
-from .main import cli
 
 
-@cli.command()
+@click.command()
 @click.argument("path")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Longest answer, in tokens.")  # fmt: skip

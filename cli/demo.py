@@ -9,8 +9,6 @@ import time
 
 import click
 
-from .main import cli
-
 PROMPT = "def read_config(path):\n"
 
 
@@ -25,7 +23,7 @@ def heldout_ids(tok, src_dir: str, n: int) -> tuple[list[int], str]:
         return tok.encode(fh.read(), bos=True)[:n], f
 
 
-@cli.command()
+@click.command()
 @click.option("-p", "--prompt", default=PROMPT, show_default=True, help="Prompt to continue.")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
 @click.option("--context", type=click.IntRange(min=2), default=256, show_default=True,

@@ -6,11 +6,10 @@ import os
 
 import click
 
-from ..linear import BACKENDS
-from .main import cli
+from .options import BACKENDS
 
 
-@cli.command("eval")
+@click.command("eval")
 @click.argument("quant")
 @click.option("-r", "--reference", required=True, metavar="SRC",
               help="The model to compare with (usually the bf16 source).")  # fmt: skip

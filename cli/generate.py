@@ -6,14 +6,14 @@ import time
 
 import click
 
-from .main import cli
+from .options import BACKENDS
 
 
 def model_options(f):
     """--device/--dtype/--backend/--max-memory, shared with `mixq chat`."""
     f = click.option("--max-memory", default=None, metavar="SIZE",
                      help="Compute-device budget (16GiB, 24GB, bytes); experts beyond it are offloaded.")(f)  # fmt: skip
-    f = click.option("--backend", type=click.Choice(["auto", "torch", "triton", "bnb"]), default="auto",
+    f = click.option("--backend", type=click.Choice(BACKENDS), default="auto",
                      show_default=True, help="auto: triton on CUDA, torch on the CPU.")(f)  # fmt: skip
     f = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True, help="Compute dtype (auto: checkpoint dtype on CUDA, float32 on CPU).")(f)  # fmt: skip
@@ -57,7 +57,7 @@ def sampling_kwargs(temperature, top_p, top_k, seed) -> dict:
     return dict(do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k, seed=seed)
 
 
-@cli.command()
+@click.command()
 @click.argument("path")
 @click.option("-p", "--prompt", required=True, help="The text to continue.")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)

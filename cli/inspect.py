@@ -5,11 +5,10 @@ import json
 
 import click
 
-from .main import cli
-from .quantize import fmt_bytes
+from .options import fmt_bytes
 
 
-@cli.command()
+@click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def inspect(path, as_json):

@@ -5,14 +5,12 @@ import json
 
 import click
 
-from ..formats import FORMATS
-from .main import cli
-from .quantize import fmt_bytes
+from .options import FORMATS, fmt_bytes
 
 FMT = click.Choice(FORMATS)
 
 
-@cli.command()
+@click.command()
 @click.argument("src", default="Mixtral-8x7B-v0.1")
 @click.option("--format", "fmt", type=FMT, help="Format of attention and experts together.")
 @click.option("--experts", type=FMT, help="Format of the expert weights [default: the checkpoint's, else nf4].")

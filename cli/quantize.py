@@ -5,20 +5,12 @@ import json
 
 import click
 
-from ..formats import FORMATS
-from .main import cli
+from .options import FORMATS, fmt_bytes
 
 FMT = click.Choice(FORMATS)
 
 
-def fmt_bytes(n: int) -> str:
-    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= k:
-            return f"{n / k:.2f} {unit}"
-    return f"{n} B"
-
-
-@cli.command()
+@click.command()
 @click.argument("src", default="builtin:tiny-mixtral")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--format", "fmt", type=FMT, help="Format of attention and experts together.")

@@ -2,7 +2,7 @@
 
 Same run, same prompt, same number of tokens; medians of several interleaved runs, the ratios printed, for our eager
 decode and our compiled one (`compile=True`; its one-time compile time reported apart, not in tok/s), at each thread
-count. The embedded tiny model when present, else a random checkpoint of its shape.
+count, on the embedded tiny model (builtin:tiny-mixtral).
 Usage: python evals/bench_generate.py [--tokens 64] [--repeats 5] [--threads 1,2] [--no-compile] [--json]
 """
 
@@ -12,30 +12,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-# The tiny model's shape (evals/train_tiny.py defaults), used when it is not shipped yet.
-FALLBACK = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
-                rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=64, tie_word_embeddings=False, bos_token_id=1,
-                eos_token_id=2)  # fmt: skip
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
-
-
-def source_dir(tmp: str) -> tuple[str, str]:
-    from mixtral_quant.checkpoint import CheckpointError, resolve_source
-
-    try:
-        return resolve_source("builtin:tiny-mixtral"), "builtin:tiny-mixtral"
-    except CheckpointError:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-        from conftest import write_checkpoint
-
-        return write_checkpoint(os.path.join(tmp, "random"), FALLBACK), "random checkpoint (tiny-mixtral's shape)"
 
 
 def dequantized_hf_model(path: str, tmp: str):
@@ -73,7 +55,9 @@ def main(argv=None) -> dict:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        src, what = source_dir(tmp)
+        from mixtral_quant.checkpoint import resolve_source
+
+        src, what = resolve_source("builtin:tiny-mixtral"), "builtin:tiny-mixtral"
         nf4 = os.path.join(tmp, "nf4")
         quantize(src, nf4, fmt="nf4", device="cpu", progress=False)
         ours = load_quantized(nf4, device="cpu", dtype=torch.float32, backend="torch")

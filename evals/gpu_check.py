@@ -1,7 +1,7 @@
 """The one GPU check (issue 4): kernel correctness at Mixtral's shapes, the device's copy and matmul ceilings, kernel
 speed against them and against bf16 torch.matmul / bitsandbytes, and a Mixtral-8x7B-shaped NF4 model's throughput.
 
-    PYTHONPATH=. python evals/gpu_check.py --out DIR          # on one H100/H200, about 5-8 minutes
+    python evals/gpu_check.py --out DIR                                # on one H100/H200, about 5-8 minutes
     python evals/gpu_check.py --out DIR --small              # tiny shapes; on a CPU it runs under TRITON_INTERPRET
 
 Writes DIR/gpu_check.json (everything) after every section and prints a short table last. Each section is guarded:
@@ -20,9 +20,6 @@ import statistics
 import sys
 import time
 import traceback
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # a source checkout, no install step
 
 import torch  # noqa: E402
 

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointReader, builtin_dir, resolve_source
 from .formats import dequantize_tensor
 from .linear import resolve_backend
-from .loader import load_block, resolve_device, resolve_dtype, tracked_bytes
+from .devices import resolve_device, tracked_bytes
+from .loader import load_block, resolve_dtype
 from .model import RMSNorm, make_context
 
 log = logging.getLogger(__name__)

@@ -92,6 +92,18 @@ def check_format(fmt: str) -> None:
         raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
+def recipe(fmt: str | None = None, experts: str = "nf4", attention: str = "nf4") -> dict[str, str]:
+    """Format per quantized class, for the quantizer and the plan: `fmt` sets both, else `experts` / `attention`."""
+    if fmt is not None:
+        experts = attention = fmt
+    for f in (experts, attention):
+        check_format(f)
+    if "int4" in (experts, attention) and {experts, attention} & {"nf4", "int8"}:
+        raise ValueError(f"attention {attention} with experts {experts}: an int4 checkpoint is a compressed-tensors "
+                         "one, which holds no nf4/int8 weights; use int4 (or bf16/fp16) for both classes")
+    return {"attention": attention, "experts": experts}
+
+
 def check_blocksize(blocksize: int) -> None:
     if blocksize not in NF4_BLOCKSIZES:
         raise ValueError(f"nf4 blocksize must be a power of two from 32 to 4096, got {blocksize}")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointReader, resolve_source
-from .devices import parse_size, resolve_device
+from .devices import parse_max_memory, resolve_device, tracked_bytes  # noqa: F401  (tracked_bytes: loader API)
 from .formats import QUANT_STATE_KEY
 from .linear import QuantLinear, make_linear, resolve_backend
 from .model import Block, Transformer, rope_inv_freq
@@ -37,11 +37,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, reader:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
     raise ValueError(f"dtype {dtype!r} not supported: choose float32, bfloat16 or float16")
-
-
-def parse_max_memory(max_memory: int | str | None) -> int | None:
-    """A device memory budget in bytes from an int or a size string ('16GiB', '24GB'); None = no budget."""
-    return None if max_memory is None else parse_size(max_memory, "max_memory")
 
 
 def _tensors(reader: CheckpointReader, prefix: str) -> dict[str, torch.Tensor]:
@@ -180,13 +175,3 @@ def load_quantized(path_or_repo_id: str, device: str | torch.device = "auto", dt
     log.info("loaded %s on %s (%s, backend %s)", path, dev, str(dt).removeprefix("torch."), backend)
     return model
 
-
-def tracked_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct storages behind a module's parameters and buffers (views counted once)."""
-    seen: dict[int, int] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.device.type == "meta":
-            continue
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-    return sum(seen.values())

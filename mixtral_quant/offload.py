@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from . import plan
 from .config import MixtralConfig
+from .devices import parse_max_memory, tracked_bytes
 from .formats import NESTED_BLOCKSIZE, QUANT_STATE_KEY, NF4Weight, unpack_quant_state
 from .linear import INT8_KEYS, NF4_KEYS, QuantLinear, linear
 
@@ -698,8 +699,6 @@ def offload_model(model, max_memory: int | str | None = None, context: int | Non
     """Offload an already built model (all experts resident on its device) to fit `max_memory`: layers that do not
     keep all their experts get a CachedExperts with host copies (pinned on CUDA) and their share of slots.
     `slots_per_layer` instead of a budget: that many slots in every layer (for benchmarks of small models)."""
-    from .loader import parse_max_memory, tracked_bytes
-
     if (max_memory is None) == (slots_per_layer is None):
         raise ValueError("offload_model needs max_memory (a budget) or slots_per_layer, not both")
     budget = parse_max_memory(max_memory) if max_memory is not None else 0

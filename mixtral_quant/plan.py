@@ -13,7 +13,7 @@ from . import formats
 from .checkpoint import expected_shapes, tensor_class
 from .config import MixtralConfig
 from .devices import parse_size
-from .quantize import recipe
+from .formats import recipe
 
 CUDA_CONTEXT_BYTES = 500 * 2**20  # CUDA context + the allocator's slack, measured ~0.4-0.6 GB on recent drivers
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import compressed, formats
+from .formats import recipe
 from .devices import parse_size, resolve_device
 from .checkpoint import AUX_FILES, CheckpointReader, ShardWriter, check_output_dir, resolve_source, tensor_class
 
@@ -36,18 +37,6 @@ class QuantizeResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def recipe(fmt: str | None = None, experts: str = "nf4", attention: str = "nf4") -> dict[str, str]:
-    """Format per quantized class: `fmt` sets both, else `experts` / `attention`."""
-    if fmt is not None:
-        experts = attention = fmt
-    for f in (experts, attention):
-        formats.check_format(f)
-    if "int4" in (experts, attention) and {experts, attention} & {"nf4", "int8"}:
-        raise ValueError(f"attention {attention} with experts {experts}: an int4 checkpoint is a compressed-tensors "
-                         "one, which holds no nf4/int8 weights; use int4 (or bf16/fp16) for both classes")
-    return {"attention": attention, "experts": experts}
 
 
 def int4_ignore(config, fmts: dict[str, str]) -> list[str]:

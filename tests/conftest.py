@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import random
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -17,9 +20,38 @@ if not torch.cuda.is_available():
 TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
-    rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False,
+    rms_norm_eps=1e-5, rope_theta=500000.0, sliding_window=None, tie_word_embeddings=False,
     bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
+# rope_theta is neither transformers' old default (10000) nor Mixtral's and our config's (1e6): a rotary table that
+# ignores config.json, either way, disagrees with the transformers oracle.
+
+# Every test starts from a known global RNG state: fresh per run (a new base seed each session), replayable with
+# MIXQ_TEST_SEED=<the seed printed in the header and in a failing test's report>.
+BASE_SEED = int(os.environ.get("MIXQ_TEST_SEED") or int.from_bytes(os.urandom(4), "little") % 2**31)
+
+
+def pytest_report_header(config):
+    return f"mixq: random base seed {BASE_SEED} (replay: MIXQ_TEST_SEED={BASE_SEED})"
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Seed torch's and Python's global RNGs from the base seed and the test's id; a failure reports the seed."""
+    seed = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield seed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        report.sections.append(("random seed", f"test seed {dict(item.user_properties).get('seed')}, "
+                                               f"replay with MIXQ_TEST_SEED={BASE_SEED}"))
+    return report
 
 
 def hub_state_dict(cfg: dict, dtype=torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -89,6 +121,15 @@ def write_checkpoint(path, cfg: dict | None = None, *, shards: int = 3, dtype=to
     if tokenizer is not None:
         shutil.copy(tokenizer, os.path.join(path, "tokenizer.model"))
     return str(path)
+
+
+def load_eval(name: str):
+    """evals/<name>.py as a module, loaded from its file (evals/ is scripts, not a package; no sys.path edit)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "evals", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"evals_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

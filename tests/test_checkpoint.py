@@ -259,6 +259,59 @@ def test_shard_writer_leaves_nothing_on_failure(tmp_path, exc):
     assert os.listdir(tmp_path) == []
 
 
+def test_shard_writer_output_appears_complete(tmp_path, monkeypatch):
+    """finish() moves the directory into place with one rename, once every shard and the index are written: at
+    that rename the directory already holds all of them, each shard with its tensors."""
+    ts = _tensors(7)  # 4000 bytes each: 4 shards of at most 2
+    out = str(tmp_path / "out")
+    at_rename = {}
+    real_rename = os.rename
+
+    def rename(a, b):
+        if os.path.abspath(b) == out:
+            idx = json.load(open(os.path.join(a, ck.INDEX_NAME)))
+            at_rename["files"] = sorted(os.listdir(a))
+            at_rename["tensors"] = {}
+            for shard in set(idx["weight_map"].values()):
+                with safe_open(os.path.join(a, shard), "pt") as f:
+                    at_rename["tensors"].update({k: f.get_tensor(k) for k in f.keys()})
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with ShardWriter(out, max_shard_bytes=9000) as w:
+        for k, v in ts.items():
+            w.add({k: v})
+        w.write_json("config.json", {"a": 1})
+        w.finish()
+    assert at_rename["files"] == sorted([ck.INDEX_NAME, "config.json", *(ck.shard_name(k, 4) for k in range(1, 5))])
+    assert at_rename["tensors"].keys() == ts.keys()
+    assert all(torch.equal(at_rename["tensors"][k], v) for k, v in ts.items())
+
+
+@pytest.mark.parametrize("exc", [OSError, KeyboardInterrupt])
+def test_interrupted_finish_leaves_no_output(tmp_path, monkeypatch, exc):
+    """The last shard is written inside finish(): a failure there (disk full, Ctrl-C) leaves no output directory
+    and no temporary one."""
+    import safetensors.torch
+
+    real_save, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:  # the third and last shard, written by finish()
+            raise exc("interrupted")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(exc):
+        with ShardWriter(str(tmp_path / "out"), max_shard_bytes=9000) as w:
+            for k, v in _tensors(5).items():  # shards of 2 + 2 + 1 tensors
+                w.add({k: v})
+            assert len(calls) == 2
+            w.finish()
+    assert len(calls) == 3 and os.listdir(tmp_path) == []
+
+
 def test_shard_writer_output_dir_rules(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

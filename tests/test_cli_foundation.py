@@ -5,7 +5,8 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY, write_checkpoint
+import torch
+from conftest import TINY, hub_state_dict, write_checkpoint
 
 from mixtral_quant.cli.main import cli
 from mixtral_quant.plan import plan_memory
@@ -74,6 +75,17 @@ def test_errors_are_one_line(tmp_path, args, message):
         assert r.exit_code == 2 and "Traceback" not in r.output
     else:
         assert message in _one_line_error(r)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_quantize_shape_mismatch_exits_1_and_writes_nothing(tmp_path):
+    """A weight whose shape disagrees with config.json: through the CLI, one line, exit 1, no output."""
+    sd = hub_state_dict(TINY)
+    sd["model.layers.1.block_sparse_moe.experts.3.w2.weight"] = torch.zeros(64, 95, dtype=torch.bfloat16)
+    src = write_checkpoint(tmp_path / "src", state_dict=sd)
+    r = run("quantize", src, "-o", tmp_path / "out", "--device", "cpu")
+    line = _one_line_error(r)
+    assert "experts.3.w2.weight has shape [64, 95], config.json expects [64, 96]" in line
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 

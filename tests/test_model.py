@@ -229,9 +229,15 @@ def test_bnb_backend_matches_torch(nf4_dir):
 
 
 def test_max_memory_accepted(nf4_dir):
-    for mm in ("16GiB", 2**34, "500MB"):
+    """Size strings and ints parse to exact bytes; budgets far above the model keep every expert resident and
+    the model holds exactly what a load without a budget holds."""
+    plain = tracked_bytes(load_quantized(nf4_dir, device="cpu", tokenizer=False))
+    for mm, want in (("16GiB", 2**34), (2**34, 2**34), ("500MB", 500 * 10**6)):
         model = load_quantized(nf4_dir, device="cpu", max_memory=mm, tokenizer=False)
-        assert model.max_memory > 0
+        assert model.max_memory == want
+        p = model.expert_placement
+        assert p.budget == want and p.slots == [p.num_experts] * model.config.num_hidden_layers
+        assert model.offload_stats().get("slots") is None and tracked_bytes(model) == plain
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------

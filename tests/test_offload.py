@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import write_checkpoint
+from conftest import load_eval, write_checkpoint
 from mixtral_quant import load_quantized
 from mixtral_quant.checkpoint import CheckpointReader
 from mixtral_quant.cli.main import cli
@@ -286,11 +286,7 @@ def test_cli_max_memory_and_stats(tmp_path):
 def test_simulator_replays_what_the_store_does(nf4):
     """evals/offload_sim.py's lru and lru+prefetch replays count the same hits, misses and prefetches as the
     runtime store driven by the same routing (so the simulation's numbers are the implementation's)."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "evals"))
-    import offload_sim
+    offload_sim = load_eval("offload_sim")
 
     g = torch.Generator().manual_seed(8)
     trace = []
