@@ -15,7 +15,7 @@ from mixtral_quant import formats
 from mixtral_quant.checkpoint import INDEX_NAME, CheckpointError, CheckpointReader, expected_shapes, tensor_class
 from mixtral_quant.config import ConfigError, MixtralConfig
 
-Q = importlib.import_module("mixtral_quant.quantize")  # `mixtral_quant.quantize` the attribute is the function
+Q = importlib.import_module("mixtral_quant.quantize")  # the module (as `import mixtral_quant.quantize as Q`)
 
 RECIPES = {
     "nf4": dict(fmt="nf4"),
