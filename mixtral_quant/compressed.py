@@ -8,6 +8,8 @@ in formats.py with the other layouts; this module only knows the JSON.
 
 from __future__ import annotations
 
+import re
+
 from .formats import INT4_GROUP_SIZES
 
 QUANT_METHOD = "compressed-tensors"
@@ -79,11 +81,11 @@ def check_config(qc: dict, where: str) -> int:
 
 def recipe_from_config(qc: dict) -> dict[str, str]:
     """The recipe a compressed-tensors checkpoint was made with, as `quantize.recipe` spells it: int4 for the
-    classes whose linears are not all listed in `ignore` (attention: q_proj of layer 0; experts: w1 of expert 0)."""
-    ignore = set(qc.get("ignore") or ())
+    classes whose linears are not listed in `ignore` (checked on q_proj of layer 0 and w1 of its expert 0)."""
+    ignore = list(qc.get("ignore") or ())
 
-    def quantized(module: str, short: str) -> bool:
-        return module not in ignore and short not in ignore
+    def quantized(module: str, short: str) -> bool:  # names, or "re:PATTERN" as compressed-tensors matches them
+        return not any(i in (module, short) or (i.startswith("re:") and re.match(i[3:], module)) for i in ignore)
 
     return {"attention": "int4" if quantized("model.layers.0.self_attn.q_proj", "q_proj") else "bf16",
             "experts": "int4" if quantized("model.layers.0.block_sparse_moe.experts.0.w1", "w1") else "bf16"}

@@ -393,28 +393,38 @@ def test_unsupported_compressed_tensors_configs_refused(tmp_path, int4_dir, edit
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def _add_or_drop(src: str, path: str, drop: str | None = None, add: dict | None = None) -> None:
+    """Copy checkpoint `src` to `path` with tensor `drop` removed or the tensors `add` added (index updated)."""
+    import shutil
+
+    shutil.copytree(src, path)
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    shard = index["weight_map"][drop] if drop else next(iter(index["weight_map"].values()))
+    sd = load_file(os.path.join(path, shard))
+    if drop:
+        del sd[drop], index["weight_map"][drop]
+    for k, v in (add or {}).items():
+        sd[k] = v
+        index["weight_map"][k] = shard
+    save_file(sd, os.path.join(path, shard), metadata={"format": "pt"})
+    json.dump(index, open(os.path.join(path, "model.safetensors.index.json"), "w"))
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
 @pytest.mark.parametrize("drop, add, message", [
     ("model.layers.1.block_sparse_moe.experts.3.w2.weight_scale", None,
      "tensor model.layers.1.block_sparse_moe.experts.3.w2.'weight_scale' is missing"),
     ("model.layers.0.self_attn.k_proj.weight_scale", None, "self_attn.k_proj.'weight_scale' is missing"),
-    (None, "model.layers.0.self_attn.q_proj.weight_zero_point", "asymmetric int4 (zero points) is not supported"),
-], ids=["expert-scale", "attention-scale", "zero-point"])
+    (None, {Q + ".weight_zero_point": torch.zeros(1, dtype=torch.int32)},
+     "asymmetric int4 (zero points) is not supported"),
+    (None, {Q + ".weight_g_idx": torch.arange(64, dtype=torch.int32).flip(0) // 32},
+     "q_proj.weight_g_idx: activation-ordered groups (a permuted weight_g_idx) is not supported"),
+], ids=["expert-scale", "attention-scale", "zero-point", "permuted-g_idx"])
 def test_bad_tensors_refused(tmp_path, int4_dir, drop, add, message):
-    import shutil
-
     path = str(tmp_path / "ckpt")
-    shutil.copytree(int4_dir, path)
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
-    name = drop or add
-    shard = index["weight_map"].get(name) or next(iter(index["weight_map"].values()))
-    sd = load_file(os.path.join(path, shard))
-    if drop:
-        del sd[drop], index["weight_map"][drop]
-    else:
-        sd[add] = torch.zeros(1, dtype=torch.int32)
-        index["weight_map"][add] = shard
-    save_file(sd, os.path.join(path, shard), metadata={"format": "pt"})
-    json.dump(index, open(os.path.join(path, "model.safetensors.index.json"), "w"))
+    _add_or_drop(int4_dir, path, drop, add)
     with pytest.raises(CheckpointError) as e:
         load_quantized(path, device="cpu", tokenizer=False)
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -424,3 +434,20 @@ def test_bad_tensors_refused(tmp_path, int4_dir, drop, add, message):
 def test_bnb_backend_refused(int4_dir):
     with pytest.raises(ValueError, match="backend 'bnb' cannot run int4"):
         load_quantized(int4_dir, device="cpu", backend="bnb", tokenizer=False)
+
+
+def test_plain_group_index_and_regex_ignore_accepted(tmp_path, int4_dir):
+    """GPTQ checkpoints may store weight_g_idx even without activation ordering (i // group): that loads as if
+    absent; an `ignore` written as a compressed-tensors regex is understood by plan."""
+    path = str(tmp_path / "ckpt")
+    _add_or_drop(int4_dir, path, add={Q + ".weight_g_idx": torch.arange(64, dtype=torch.int32) // 32})
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path, device="cpu", tokenizer=False)(ids),
+                           load_quantized(int4_dir, device="cpu", tokenizer=False)(ids))
+    from mixtral_quant.compressed import recipe_from_config
+
+    qc = json.load(open(os.path.join(path, "config.json")))["quantization_config"]
+    assert recipe_from_config(qc) == {"attention": "int4", "experts": "int4"}
+    assert recipe_from_config({**qc, "ignore": ["lm_head", "re:.*self_attn.*"]}) == {"attention": "bf16",
+                                                                                     "experts": "int4"}
