@@ -459,8 +459,12 @@ def quantize_int4(w: Tensor, group_size: int = INT4_GROUP_SIZE) -> dict[str, Ten
         raise ValueError("the weight holds NaN or Inf values; int4 cannot represent them")
     scale = amax / 7.5  # in w's dtype, as the library computes it
     scale = torch.where(scale == 0, torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype, device=w.device), scale)
-    q = torch.round((g.float() / scale.float()[..., None]).clamp_(-8, 7)).to(torch.int8)
-    return {"weight_packed": pack_int4(q.view(out_f, in_f)), "weight_scale": scale.contiguous(),
+    packed = torch.empty(out_f, in_f // 8, dtype=torch.int32, device=w.device)
+    rows = max(1, _CHUNK_ELEMENTS.get(w.device.type, 1 << 26) // in_f)  # fp32 temporaries of a few rows at a time
+    for r in range(0, out_f, rows):
+        q = (g[r:r + rows].float() / scale[r:r + rows].float()[..., None]).clamp_(-8, 7).round_().to(torch.int8)
+        packed[r:r + rows] = pack_int4(q.view(-1, in_f))
+    return {"weight_packed": packed, "weight_scale": scale.contiguous(),
             "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
 
 

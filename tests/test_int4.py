@@ -218,6 +218,34 @@ def test_library_checkpoint_logits_match_transformers(tmp_path, group, intermedi
         assert rel_err(model(ids), ref(ids).logits) < RTOL
 
 
+def test_library_bf16_checkpoint_logits(tmp_path):
+    """A bf16 checkpoint (the Hub's case: bf16 scales). The library decompresses to bf16, rounding each q * scale to
+    8 bits; our fp32 compute keeps the exact product, as does the library's own dequantize given the scale in fp32:
+    against that, the same 1e-4."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    cfg = {**TINY, **SMALL}
+    path, dense = _library_checkpoint(tmp_path / "ct", cfg, 32, torch.bfloat16, _seed() % 1000)
+    args = _scheme(32).weights
+    sd = {}
+    with CheckpointReader(path) as r:
+        for k in r.keys():
+            if k.endswith(".weight_packed"):
+                p = k.removesuffix(".weight_packed")
+                shape = torch.Size(r.get(p + ".weight_shape").tolist())
+                q = unpack_from_int32(r.get(k), 4, shape)
+                sd[p + ".weight"] = dequantize(q, r.get(p + ".weight_scale").float(), args=args)
+                assert torch.equal(sd[p + ".weight"].to(torch.bfloat16), dense[p + ".weight"])  # the same q, scale
+            elif k.endswith(".weight"):
+                sd[k] = r.get(k)
+    model = load_quantized(path, device="cpu", tokenizer=False)
+    ref = _transformers_model(sd, cfg, tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(_seed()))
+    with torch.no_grad():
+        assert rel_err(model(ids), ref(ids).logits) < RTOL
+
+
 def test_library_checkpoint_runs_offloaded_and_through_the_cli(tmp_path):
     """A bf16 library checkpoint: every command reads it; offloaded greedy decoding equals resident."""
     cfg = {**TINY, **SMALL}
