@@ -27,18 +27,9 @@ def inspect(path, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    from ..compressed import is_compressed_tensors
-
-    qc = info["quantization_config"]
-    if is_compressed_tensors(qc):
-        w = next(iter(qc["config_groups"].values()))["weights"]
-        header = f", compressed-tensors {qc.get('format')} int{w['num_bits']} group {w['group_size']}"
-    elif qc:
-        header = (f", {qc.get('quant_method')} blocksize {qc.get('blocksize')}"
-                  f"{' double-quant' if qc.get('double_quant') else ''}")
-    else:
-        header = ", not quantized"
-    click.echo(f"{info['path']}: {info['tensors']} tensors in {info['shards']} shard(s)" + header)
+    enc = info["encoding"]
+    click.echo(f"{info['path']}: {info['tensors']} tensors in {info['shards']} shard(s), "
+               + (enc["summary"] if enc["method"] != "none" else "not quantized"))
     rows = [(c, str(v["count"]), f"{v['params']:,}", v["format"], fmt_bytes(v["bytes"]), f"{v['bits_per_param']:.2f}")
             for c, v in info["classes"].items()]
     t = info["total"]

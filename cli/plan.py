@@ -15,8 +15,8 @@ FMT = click.Choice(FORMATS)
 @click.option("--format", "fmt", type=FMT, help="Format of attention and experts together.")
 @click.option("--experts", type=FMT, help="Format of the expert weights [default: the checkpoint's, else nf4].")
 @click.option("--attention", type=FMT, help="Format of q/k/v/o_proj [default: the checkpoint's, else nf4].")
-@click.option("--blocksize", type=int, default=64, show_default=True, help="NF4 block size.")
-@click.option("--no-double-quant", is_flag=True, help="NF4 absmax in fp32.")
+@click.option("--blocksize", type=int, help="NF4 block size [default: the checkpoint's, else 64].")
+@click.option("--no-double-quant", is_flag=True, help="NF4 absmax in fp32 [default: as the checkpoint].")
 @click.option("--group-size", type=int, default=None, help="int4 inputs per scale [default: the checkpoint's, else 128].")
 @click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per sequence.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences at once.")
@@ -35,21 +35,17 @@ def plan(src, fmt, experts, attention, blocksize, no_double_quant, group_size, c
       mixq plan mistralai/Mixtral-8x7B-v0.1 --gpu-memory 24GB --json
       mixq plan ./mixtral-nf4 --experts int8 --context 32768
     """
-    from .. import compressed
-    from ..checkpoint import resolve_config
+    from ..checkpoint import quantized_recipe, resolve_config
     from ..plan import plan_memory
 
     config = resolve_config(src)
-    qc = config.raw.get("quantization_config") or {}
-    packed = qc.get("formats", {})  # a packed checkpoint's own recipe
-    if compressed.is_compressed_tensors(qc):
-        group_size = group_size or compressed.check_config(qc, f"{src}: config.json")
-        packed = compressed.recipe_from_config(qc)
-    p = plan_memory(config, experts=experts or fmt or packed.get("experts", "nf4"),
-                    attention=attention or fmt or packed.get("attention", "nf4"),
-                    blocksize=blocksize, double_quant=not no_double_quant, group_size=group_size or 128,
-                    context=context, batch=batch,
-                    gpu_memory=gpu_memory)
+    packed = quantized_recipe(src, config) or {}  # a quantized checkpoint's own recipe (ours, bitsandbytes, int4)
+    p = plan_memory(config, experts=experts or fmt or packed.get("experts") or "nf4",
+                    attention=attention or fmt or packed.get("attention") or "nf4",
+                    blocksize=blocksize or packed.get("blocksize", 64),
+                    double_quant=not no_double_quant and packed.get("double_quant", True),
+                    group_size=group_size or packed.get("group_size") or 128, context=context, batch=batch,
+                    gpu_memory=gpu_memory)  # fmt: skip
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
         return

@@ -12,12 +12,14 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 
 from . import compressed, formats
 from .config import MixtralConfig
+from .formats import NESTED_BLOCKSIZE, NF4_BLOCKSIZES, QUANT_STATE_KEY
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -75,6 +77,9 @@ class CheckpointReader:
         single = os.path.join(self.path, SINGLE_NAME)
         if os.path.isfile(single):
             return {k: SINGLE_NAME for k in self._handle(SINGLE_NAME).keys()}
+        ggufs = sorted(f for f in os.listdir(self.path) if f.endswith(".gguf"))
+        if ggufs:
+            raise CheckpointError(f"{self.path}: a GGUF checkpoint ({ggufs[0]}); GGUF is not supported: {SUPPORTED}")
         pickles = sorted(f for f in os.listdir(self.path) if f.endswith(PICKLE_SUFFIXES))
         if pickles:
             raise CheckpointError(
@@ -111,7 +116,11 @@ class CheckpointReader:
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """(dtype, shape) of a tensor from its shard header, without reading its data."""
         sl = self._handle(self.weight_map[name]).get_slice(name)
-        return _ST_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
+        dtype = _ST_DTYPES.get(sl.get_dtype())
+        if dtype is None:  # e.g. F8_E4M3 (fp8 checkpoints)
+            raise CheckpointError(f"{os.path.join(self.path, self.weight_map[name])}: {name} is stored as "
+                                  f"{sl.get_dtype()}, which mixtral-quant does not read: {SUPPORTED}")
+        return dtype, tuple(sl.get_shape())
 
     def nbytes(self, name: str) -> int:
         dtype, shape = self.info(name)
@@ -221,6 +230,20 @@ class CheckpointReader:
     def quantization_config(self) -> dict | None:
         return self.config.raw.get("quantization_config")
 
+    def encoding(self) -> "Encoding":
+        """What the checkpoint holds (read_encoding), refusing what mixtral-quant cannot read; cached."""
+        if not hasattr(self, "_encoding"):
+            self._encoding = read_encoding(self)
+        return self._encoding
+
+    def check(self) -> "Encoding":
+        """encoding() plus every tensor's shape and dtype against config.json (check_tensors), once per reader:
+        what the loader calls before it allocates anything."""
+        if not getattr(self, "_checked", False):
+            check_tensors(self, self.encoding())
+            self._checked = True
+        return self.encoding()
+
     def close(self):
         self._handles.clear()
 
@@ -229,6 +252,18 @@ class CheckpointReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_int4_keys(path: str, prefix: str, names: set[str]) -> None:
+    """A compressed-tensors int4 linear holds weight_packed, weight_scale, weight_shape and no zero points (a
+    weight_g_idx is checked when the module is read: CheckpointReader._int4_module); else one CheckpointError."""
+    if "weight_zero_point" in names:
+        raise CheckpointError(f"{path}: {prefix}.weight_zero_point: asymmetric int4 (zero points) is not supported; "
+                              "supported: W4A16 pack-quantized, symmetric, strategy group")  # fmt: skip
+    for k in formats.INT4_KEYS:
+        if k not in names:
+            raise CheckpointError(f"{path}: tensor {prefix}.{k!r} is missing (an int4 weight needs "
+                                  f"{', '.join(formats.INT4_KEYS)}); re-quantize or re-download the checkpoint")
 
 
 def module_prefix(key: str) -> str:
@@ -285,6 +320,285 @@ def expected_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, D)
     return shapes
+
+
+# ---- what a checkpoint holds --------------------------------------------------------------------------------
+
+SUPPORTED = ("mixtral-quant reads bf16/fp16/fp32 Mixtral checkpoints, its own nf4/int8 output, bitsandbytes nf4 "
+             "(with or without double quant) and 8-bit checkpoints as transformers 4.x saves them, and compressed-"
+             "tensors W4A16 pack-quantized (int4) ones")
+QUANTIZED = ("nf4", "int8", "int4")
+FLOAT_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# quant_method of other quantizers -> what to call them in the refusal
+OTHER_METHODS = {"gptq": "GPTQ", "awq": "AWQ", "gguf": "GGUF",
+                 "fp8": "fp8", "fbgemm_fp8": "fp8", "hqq": "HQQ", "aqlm": "AQLM", "quanto": "quanto",
+                 "torchao": "torchao", "eetq": "EETQ", "exl2": "EXL2", "mxfp4": "MXFP4", "bitnet": "BitNet"}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What a checkpoint holds: who quantized it and the format of every module (from its tensors)."""
+
+    method: str  # "none" (nothing quantized), "mixtral-quant" (our output), "bitsandbytes" (transformers 4.x),
+    # "compressed-tensors" (int4 W4A16, ours or the Hub's)
+    modules: dict[str, str]  # module prefix -> nf4, int8, int4, bf16, fp16 or fp32
+    blocksize: int | None = None  # nf4 block size (None without nf4)
+    double_quant: bool | None = None  # nf4 absmax double-quantized (None without nf4)
+    group_size: int | None = None  # int4 inputs per scale (None without int4)
+
+    def class_formats(self) -> dict[str, str]:
+        """Tensor class -> its format ('int8+nf4' where a class mixes formats)."""
+        per: dict[str, set] = {}
+        for prefix, fmt in self.modules.items():
+            per.setdefault(tensor_class(prefix), set()).add(fmt)
+        order = {k: i for i, k in enumerate(TENSOR_CLASSES)}
+        return {c: "+".join(sorted(f)) for c, f in sorted(per.items(), key=lambda kv: order[kv[0]])}
+
+    def describe(self) -> str:
+        """One line: 'bitsandbytes: attention nf4, experts nf4, router nf4 (blocksize 64, double quant)'."""
+        cf = self.class_formats()
+        parts = [f"{c} {cf[c]}" for c in ("attention", "experts", "router", "lm_head") if c in cf]
+        nf4 = f" (nf4 blocksize {self.blocksize}{', double quant' if self.double_quant else ''})" if self.blocksize else ""
+        if self.method == "compressed-tensors":
+            return f"compressed-tensors pack-quantized int4 group {self.group_size}: {', '.join(parts)}"
+        return f"{self.method}: {', '.join(parts)}{nf4}"
+
+
+def module_format(tensors: dict[str, torch.dtype]) -> str:
+    """The format of one module from its tensors (names relative to the module -> dtype): nf4, int8, bf16, fp16 or
+    fp32. Encodings mixtral-quant cannot read are a ValueError saying what they are."""
+    names = set(tensors)
+    other_4bit = sorted(k for k in names if k.startswith("weight.quant_state.bitsandbytes__") and k != "weight." +
+                        QUANT_STATE_KEY)  # fmt: skip
+    if other_4bit:
+        kind = other_4bit[0].rsplit("__", 1)[1]
+        raise ValueError(f"bitsandbytes {kind} weights; {kind} is not supported, only nf4")
+    if "weight." + QUANT_STATE_KEY in names:
+        return "nf4"
+    if {"qweight", "qzeros"} & names:
+        raise ValueError("GPTQ/AWQ weights (qweight, qzeros, scales); GPTQ and AWQ are not supported")
+    if "weight_packed" in names:  # compressed-tensors int4 (check_int4_keys says what else it must hold)
+        return "int4"
+    if "weight" not in names:
+        raise ValueError(f"no 'weight' tensor (found {', '.join(sorted(names))})")
+    dtype = tensors["weight"]
+    if "SCB" in names:
+        if dtype != torch.int8:
+            raise ValueError(f"an 8-bit weight (SCB present) stored as {dtype}, expected int8")
+        return "int8"
+    if dtype in FLOAT_FORMATS:
+        return FLOAT_FORMATS[dtype]
+    if dtype == torch.int8:
+        raise ValueError("an int8 weight without its SCB row scales; re-download the checkpoint")
+    if dtype == torch.uint8:
+        raise ValueError("a packed 4-bit weight without its quant_state; re-download the checkpoint")
+    raise ValueError(f"a weight stored as {dtype}")
+
+
+def read_encoding(reader: "CheckpointReader") -> Encoding:
+    """What `reader`'s checkpoint holds, from its quantization_config and its tensors (the tensors decide where the
+    config is silent); unsupported encodings (bnb fp4, GPTQ, AWQ, fp8, ...) are refused with
+    one line (compressed-tensors schemes other than W4A16: compressed.check_config, when the reader opens). The one
+    place a checkpoint's encoding is recognised: add a branch here for a new one."""
+    conf = os.path.join(reader.path, "config.json")
+    qc = reader.quantization_config() or {}
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{conf}: quantization_config is not an object")
+    method = str(qc.get("quant_method", "")).lower() or None
+    if method is None and any(k in qc for k in ("load_in_4bit", "load_in_8bit")):
+        method = "bitsandbytes"  # early transformers 4.x configs had no quant_method
+    # compressed-tensors: CheckpointReader already refused every scheme but W4A16 pack-quantized (compressed.py)
+    if method not in (None, "mixtral-quant", "bitsandbytes", "compressed-tensors"):
+        what = OTHER_METHODS.get(method, f"quant_method {method!r}")
+        raise CheckpointError(f"{conf}: a {what} checkpoint; {what} is not supported: {SUPPORTED}")
+    ours = isinstance(qc.get("formats"), dict)  # mixtral-quant's own fields (also beside a bitsandbytes block)
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit") and qc.get("load_in_8bit") and not ours:
+            raise CheckpointError(f"{conf}: quantization_config has both load_in_4bit and load_in_8bit; "
+                                  "the checkpoint is inconsistent, re-download it")  # fmt: skip
+        if qc.get("load_in_4bit") and qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+            kind = qc.get("bnb_4bit_quant_type")
+            raise CheckpointError(f"{conf}: a bitsandbytes {kind} checkpoint (bnb_4bit_quant_type {kind!r}); {kind} "
+                                  f"is not supported, only nf4: {SUPPORTED}")  # fmt: skip
+    modules: dict[str, str] = {}
+    for prefix, keys in reader.modules_index().items():
+        try:
+            modules[prefix] = module_format({k[len(prefix) + 1:]: reader.info(k)[0] for k in keys})
+        except ValueError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            where = os.path.join(reader.path, reader.weight_map[keys[0]])
+            raise CheckpointError(f"{where}: {prefix} holds {e}: {SUPPORTED}") from None
+    quantized = {p: f for p, f in modules.items() if f in QUANTIZED}
+    if method == "bitsandbytes" and not ours:
+        want = "nf4" if qc.get("load_in_4bit") else "int8" if qc.get("load_in_8bit") else None
+        wrong = sorted(p for p, f in quantized.items() if want and f != want)
+        if wrong:
+            raise CheckpointError(f"{conf}: quantization_config says {want} but {wrong[0]} holds "
+                                  f"{quantized[wrong[0]]}; the config and the weights disagree, re-download")  # fmt: skip
+    if ours:
+        for cls, fmt in qc["formats"].items():
+            held = {f for p, f in modules.items() if tensor_class(p) == cls}
+            if held and (held != {fmt} if fmt in QUANTIZED else bool(held & set(QUANTIZED))):
+                raise CheckpointError(f"{conf}: quantization_config says {cls} {fmt} but the tensors hold "
+                                      f"{'+'.join(sorted(held))}; the config and the weights disagree, re-quantize")  # fmt: skip
+    blocksize = double = None
+    nf4 = sorted(p for p, f in quantized.items() if f == "nf4")
+    if nf4:
+        blocksize = int(reader_quant_state(reader, nf4[0])["blocksize"])
+        double = f"{nf4[0]}.weight.nested_absmax" in reader
+    int4 = any(f == "int4" for f in quantized.values())
+    if int4 and method != "compressed-tensors":
+        raise CheckpointError(f"{conf}: int4 weights (weight_packed) without a compressed-tensors quantization_config; "
+                              "re-download the checkpoint's config.json")  # fmt: skip
+    name = "mixtral-quant" if ours else method or ("bitsandbytes" if quantized else "none")
+    return Encoding(name, modules, blocksize, double, reader.int4_group_size if int4 else None)
+
+
+def reader_quant_state(reader: "CheckpointReader", prefix: str) -> dict:
+    """The JSON quant state of nf4 module `prefix` (a small uint8 tensor)."""
+    from .formats import unpack_quant_state
+
+    key = f"{prefix}.weight.{QUANT_STATE_KEY}"
+    try:
+        meta = unpack_quant_state(reader.get(key))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(reader.path, reader.weight_map[key])}: {key} is not a JSON quant "
+                              f"state ({e}); re-download or re-quantize") from None  # fmt: skip
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{os.path.join(reader.path, reader.weight_map[key])}: {key} is not a JSON object")
+    return meta
+
+
+def check_tensors(reader: "CheckpointReader", enc: Encoding) -> None:
+    """Every tensor's shape and dtype against config.json, whatever its format (router, norms, embeddings and
+    lm_head included): a mismatch, a missing or an unexpected tensor is one CheckpointError naming the tensor.
+    Reads headers and the nf4 quant states only. Layers beyond num_hidden_layers are left to the caller."""
+    config = reader.config
+    expected = expected_shapes(config)
+    mods = reader.modules_index()
+    if "lm_head" in mods:  # tied embeddings may still store a copy; it is loaded, so it is checked
+        expected.setdefault("lm_head.weight", (config.vocab_size, config.hidden_size))
+    for name, shape in expected.items():
+        prefix = name.removesuffix(".weight")
+        if prefix not in mods:
+            raise CheckpointError(f"{reader.path}: tensor {name!r} is missing (config.json expects shape "
+                                  f"{list(shape)}); re-download or re-quantize the checkpoint")  # fmt: skip
+        fmt, keys = enc.modules[prefix], mods[prefix]
+        info = {k[len(prefix) + 1:]: reader.info(k) for k in keys}
+        where = os.path.join(reader.path, reader.weight_map[keys[0]])
+
+        def bad(rel: str, got, want) -> CheckpointError:
+            return CheckpointError(f"{where}: {prefix}.{rel} is {got}, config.json implies {want}; the checkpoint "
+                                   "and its config.json disagree (re-download or re-quantize)")  # fmt: skip
+
+        def want(rel: str, dtype: torch.dtype, shp: tuple) -> None:
+            if rel not in info:
+                raise CheckpointError(f"{where}: tensor {prefix}.{rel} is missing; re-download or re-quantize")
+            got = info.pop(rel)
+            if got != (dtype, tuple(shp)):
+                raise bad(rel, f"{str(got[0]).removeprefix('torch.')} {list(got[1])}",
+                          f"{str(dtype).removeprefix('torch.')} {list(shp)}")  # fmt: skip
+
+        cls = tensor_class(prefix)
+        if fmt in QUANTIZED and (cls not in ("attention", "experts", "router") or len(shape) != 2):
+            raise CheckpointError(f"{where}: {prefix} is stored as {fmt}; mixtral-quant keeps {cls} in 16 bits "
+                                  "(quantize the original checkpoint with mixq quantize)")  # fmt: skip
+        if fmt == "int4":
+            check_int4_keys(reader.path, prefix, set(info))
+            info.pop("weight_g_idx", None)  # a plain grouping is accepted, a permuted one refused, at read
+            group = enc.group_size or 0
+            stored = reader.get(f"{prefix}.weight_shape")
+            want("weight_shape", stored.dtype, (2,))
+            if stored.dtype not in (torch.int32, torch.int64) or stored.tolist() != list(shape):
+                raise bad("weight_shape", f"{stored.tolist()}", f"{list(shape)}")
+            want("weight_packed", torch.int32, (shape[0], -(-shape[1] // 8)))
+            scale_dtype = info["weight_scale"][0]
+            if scale_dtype not in FLOAT_FORMATS or not group or shape[1] % group:
+                raise bad("weight_scale", f"{str(scale_dtype).removeprefix('torch.')} {list(info['weight_scale'][1])}",
+                          f"a 16/32-bit float [{shape[0]}, {shape[1]} / group size {group}]")  # fmt: skip
+            want("weight_scale", scale_dtype, (shape[0], shape[1] // group))
+        elif fmt in FLOAT_FORMATS.values():
+            dtype, got = info.pop("weight")
+            if got != shape:
+                raise bad("weight", f"{str(dtype).removeprefix('torch.')} {list(got)}", f"shape {list(shape)}")
+        elif fmt == "int8":
+            want("weight", torch.int8, shape)
+            want("SCB", torch.float32, shape[:1])
+            if "weight_format" in info:  # bitsandbytes' layout tag: 0 = row-major, the only one it saves
+                want("weight_format", torch.uint8, ())
+                if int(reader.get(f"{prefix}.weight_format")) != 0:
+                    raise CheckpointError(f"{where}: {prefix}.weight_format is not 0 (row-major); only the row "
+                                          "layout bitsandbytes saves is supported")  # fmt: skip
+        else:  # nf4
+            meta = reader_quant_state(reader, prefix)
+            info.pop("weight." + QUANT_STATE_KEY)
+            if meta.get("quant_type") != "nf4" or list(meta.get("shape", [])) != list(shape):
+                raise bad("weight." + QUANT_STATE_KEY, f"{meta.get('quant_type')} {meta.get('shape')}",
+                          f"nf4 {list(shape)}")  # fmt: skip
+            bs, n = meta.get("blocksize"), math.prod(shape)
+            if bs not in NF4_BLOCKSIZES:
+                raise bad("weight." + QUANT_STATE_KEY, f"blocksize {bs}", "a power of two from 32 to 4096")
+            blocks = -(-n // bs)
+            want("weight", torch.uint8, ((n + 1) // 2, 1))
+            want("weight.quant_map", torch.float32, (16,))
+            if "nested_offset" in meta:
+                nbs = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+                want("weight.absmax", torch.uint8, (blocks,))
+                want("weight.nested_absmax", torch.float32, (-(-blocks // nbs),))
+                want("weight.nested_quant_map", torch.float32, (256,))
+            else:
+                want("weight.absmax", torch.float32, (blocks,))
+        if info:
+            raise CheckpointError(f"{where}: unexpected tensor {prefix}.{sorted(info)[0]} for a {fmt} weight; "
+                                  "re-download or re-quantize the checkpoint")  # fmt: skip
+    n_layers = config.num_hidden_layers
+    for prefix, keys in mods.items():
+        if prefix + ".weight" in expected:
+            continue
+        parts = prefix.split(".")
+        if prefix.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= n_layers:
+            continue  # layers beyond num_hidden_layers: the loader warns and ignores them
+        raise CheckpointError(f"{os.path.join(reader.path, reader.weight_map[keys[0]])}: unexpected tensor "
+                              f"{keys[0]!r} for a Mixtral checkpoint with this config.json")  # fmt: skip
+
+
+def quantized_recipe(src: str, config: MixtralConfig) -> dict | None:
+    """How checkpoint `src` is quantized, for planning its memory: {"attention", "experts", "blocksize",
+    "double_quant"}, or None when it is not quantized. From the tensors when `src` is a local checkpoint
+    directory (read_encoding, which also refuses what cannot be loaded), else from config.json alone."""
+    if os.path.isdir(src) and any(os.path.isfile(os.path.join(src, n)) for n in (INDEX_NAME, SINGLE_NAME)):
+        with CheckpointReader(src) as r:
+            enc = r.encoding()
+        cf = enc.class_formats()
+        if not set(cf.get("attention", "").split("+") + cf.get("experts", "").split("+")) & set(QUANTIZED):
+            return None
+        fmts = {c: cf[c] if cf.get(c) in ("nf4", "int8", "int4", "bf16", "fp16") else None
+                for c in ("attention", "experts")}  # fmt: skip
+        return {**fmts, "blocksize": enc.blocksize or 64, "double_quant": enc.double_quant is not False,
+                "group_size": enc.group_size}  # fmt: skip
+    qc = config.raw.get("quantization_config") or {}
+    if compressed.is_compressed_tensors(qc):
+        group = compressed.check_config(qc, f"{src}: config.json")
+        return {**compressed.recipe_from_config(qc), "group_size": group}
+    if isinstance(qc.get("formats"), dict):
+        f = qc["formats"]
+        return {"attention": f.get("attention"), "experts": f.get("experts"), "blocksize": qc.get("blocksize", 64),
+                "double_quant": qc.get("double_quant", True)}  # fmt: skip
+    method = str(qc.get("quant_method", "bitsandbytes" if "load_in_4bit" in qc else "")).lower()
+    if method == "bitsandbytes" and qc.get("load_in_4bit"):
+        kind = qc.get("bnb_4bit_quant_type", "nf4")
+        if kind != "nf4":
+            raise CheckpointError(f"config.json: a bitsandbytes {kind} checkpoint; {kind} is not supported, only "
+                                  f"nf4: {SUPPORTED}")  # fmt: skip
+        return {"attention": "nf4", "experts": "nf4", "blocksize": 64,
+                "double_quant": bool(qc.get("bnb_4bit_use_double_quant", False))}  # fmt: skip
+    if method == "bitsandbytes" and qc.get("load_in_8bit"):
+        return {"attention": "int8", "experts": "int8", "blocksize": 64, "double_quant": True}
+    if method:
+        what = OTHER_METHODS.get(method, f"quant_method {method!r}")
+        raise CheckpointError(f"config.json: a {what} checkpoint; {what} is not supported: {SUPPORTED}")
+    return None
 
 
 # ---- resolving a source -------------------------------------------------------------------------------------
@@ -480,28 +794,20 @@ def check_output_dir(out: str, overwrite: bool) -> None:
 def inspect_checkpoint(path: str) -> dict:
     """Per tensor class: parameter count, params, format(s), bytes, bits/param; totals. Verifies the index
     against every shard header first. Reads only headers and the small quant-state tensors."""
-    from .formats import QUANT_STATE_KEY, unpack_quant_state
-
     with CheckpointReader(path) as r:
         r.verify()
+        enc = r.encoding()
         classes: dict[str, dict] = {}
         for prefix, keys in sorted(r.modules_index().items()):
-            rel = {k[len(prefix) + 1:] for k in keys}
-            name = prefix + ".weight" if "weight" in rel else keys[0]
-            cls = tensor_class(name)
+            cls = tensor_class(prefix)
             nbytes = sum(r.nbytes(k) for k in keys)
-            if "weight." + QUANT_STATE_KEY in rel:
-                fmt = "nf4"
-                meta = unpack_quant_state(r.get(f"{prefix}.weight.{QUANT_STATE_KEY}"))
-                params = math.prod(meta["shape"])
-            elif "SCB" in rel:
-                fmt, params = "int8", math.prod(r.info(prefix + ".weight")[1])
-            elif "weight_packed" in rel:  # compressed-tensors int4: weight_shape holds [out, in]
-                fmt, params = "int4", math.prod(r.get(prefix + ".weight_shape").tolist())
+            fmt = enc.modules[prefix]
+            if fmt == "nf4":
+                params = math.prod(reader_quant_state(r, prefix)["shape"])
+            elif fmt == "int4":  # compressed-tensors int4: weight_shape holds [out, in]
+                params = math.prod(r.get(prefix + ".weight_shape").tolist())
             else:
-                dtype, shape = r.info(keys[0] if len(keys) == 1 else prefix + ".weight")
-                fmt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
-                params = math.prod(shape)
+                params = math.prod(r.info(prefix + ".weight")[1])
             c = classes.setdefault(cls, {"count": 0, "params": 0, "bytes": 0, "formats": set()})
             c["count"] += 1
             c["params"] += params
@@ -517,5 +823,7 @@ def inspect_checkpoint(path: str) -> dict:
         return {
             "path": r.path, "shards": len(r.shards()), "tensors": len(r.weight_map),
             "quantization_config": r.quantization_config(), "classes": classes,
+            "encoding": {"method": enc.method, "blocksize": enc.blocksize, "double_quant": enc.double_quant,
+                         "summary": enc.describe()},
             "total": {"params": params, "bytes": nbytes, "bits_per_param": 8 * nbytes / max(params, 1)},
         }  # fmt: skip

@@ -11,9 +11,9 @@ import logging
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, CheckpointReader, resolve_source
+from .checkpoint import QUANTIZED, CheckpointError, CheckpointReader, resolve_source
 from .devices import parse_max_memory, resolve_device, tracked_bytes  # noqa: F401  (tracked_bytes: loader API)
-from .formats import QUANT_STATE_KEY
+from .formats import QUANT_STATE_KEY, dequantize_tensor
 from .linear import QuantLinear, make_linear, resolve_backend
 from .model import Block, Transformer, rope_inv_freq
 from .offload import make_expert_store, place_experts, wire_prefetch
@@ -54,6 +54,15 @@ def _param(reader: CheckpointReader, name: str, device, dtype) -> nn.Parameter:
     return nn.Parameter(reader.get(name).to(device=device, dtype=dtype), requires_grad=False)
 
 
+def _router(reader: CheckpointReader, prefix: str, device, dtype) -> nn.Parameter:
+    """The router weight [E, D] in the compute dtype. transformers 4.x bitsandbytes checkpoints quantize it (an
+    nn.Linear there): it is decoded once here, it is only E x D."""
+    if reader.encoding().modules.get(prefix) in QUANTIZED:
+        w = dequantize_tensor(reader.module(prefix), torch.float32)
+        return nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+    return _param(reader, prefix + ".weight", device, dtype)
+
+
 def _check_shape(reader, name: str, got: tuple, want: tuple) -> None:
     if tuple(got) != tuple(want):
         raise CheckpointError(f"{reader.path}: {name} has shape {tuple(got)}, config.json implies {tuple(want)}; "
@@ -67,6 +76,7 @@ def load_block(reader: CheckpointReader, layer_idx: int, *, device: torch.device
     Call it as `block(h [B, S, D], ctx)` with `ctx = make_context(...)` (model.py): the evaluator streams layers.
     """
     config = reader.config
+    reader.check()  # every tensor's shape and dtype against config.json, once per reader
     p = f"model.layers.{layer_idx}."
     with torch.device("meta"):
         block = Block(config, layer_idx)
@@ -93,7 +103,7 @@ def load_block(reader: CheckpointReader, layer_idx: int, *, device: torch.device
                 setattr(attn, n, lin)
         for name in ("input_layernorm", "post_attention_layernorm"):
             getattr(block, name).weight = _param(reader, p + name + ".weight", device, dtype)
-        block.block_sparse_moe.gate.weight = _param(reader, p + "block_sparse_moe.gate.weight", device, dtype)
+        block.block_sparse_moe.gate.weight = _router(reader, p + "block_sparse_moe.gate", device, dtype)
         block.block_sparse_moe.experts = make_expert_store(reader, config, layer_idx, device=device,
                                                            compute_dtype=dtype, backend=backend,
                                                            max_memory=max_memory)  # fmt: skip
@@ -118,6 +128,7 @@ def _stackable(a: dict, b: dict, shape_a: tuple, shape_b: tuple) -> bool:
 def load_shell(reader: CheckpointReader, *, device: torch.device, dtype: torch.dtype) -> Transformer:
     """The model without its layers: embeddings, final norm, lm_head and rotary frequencies, loaded."""
     config = reader.config
+    reader.check()
     with torch.device("meta"):
         model = Transformer(config, layers=False)
     model.embed_tokens.weight = _param(reader, "model.embed_tokens.weight", device, dtype)
@@ -148,6 +159,7 @@ def load_quantized(path_or_repo_id: str, device: str | torch.device = "auto", dt
     path = resolve_source(path_or_repo_id)
     reader = CheckpointReader(path)
     with reader:
+        reader.check()  # refuses unsupported encodings and any tensor that disagrees with config.json
         if backend == "bnb" and reader.int4_group_size is not None:  # bnb's nf4 ops ignore our int4 code table
             raise ValueError(f"{path}: backend 'bnb' cannot run int4 (compressed-tensors) weights; "
                              "use backend 'auto', 'torch' or 'triton'")

@@ -64,9 +64,33 @@ def _all_cores(device: torch.device):
         torch.set_num_threads(before)
 
 
-def quantization_config(fmts: dict[str, str], blocksize: int, double_quant: bool, source_dtype: str) -> dict:
-    return {"quant_method": QUANT_METHOD, "formats": dict(fmts), "blocksize": blocksize,
-            "double_quant": double_quant, "source_dtype": source_dtype}
+def quantization_config(fmts: dict[str, str], blocksize: int, double_quant: bool, source_dtype: str,
+                        num_layers: int = 0) -> dict:  # fmt: skip
+    """config.json's quantization_config: a bitsandbytes block transformers understands, our fields beside it.
+
+    nf4 (or int8) everywhere it is used: transformers 4.x loads the output with Linear4bit (Linear8bitLt) experts
+    and attention; the routers and lm_head stay 16-bit, named in llm_int8_skip_modules (full module names, as
+    4.x matches them), like any class kept in 16 bits. nf4 and int8 mixed cannot be said in one bitsandbytes
+    config: load_in_4bit and load_in_8bit are then both true, which transformers refuses with a ValueError
+    instead of loading the other format's bytes as if they were its own. Nothing quantized: quant_method
+    mixtral-quant, which transformers skips (the weights are plain 16-bit ones).
+    """
+    ours = {"formats": dict(fmts), "blocksize": blocksize, "double_quant": double_quant, "source_dtype": source_dtype}
+    used = set(fmts.values()) & {"nf4", "int8"}
+    if not used:
+        return {"quant_method": QUANT_METHOD, **ours}
+    skip = [f"model.layers.{i}.block_sparse_moe.gate" for i in range(num_layers)] + ["lm_head"]
+    if fmts.get("attention") not in used:  # a 16-bit class: full names of its modules, so transformers keeps them
+        skip += [f"model.layers.{i}.self_attn" for i in range(num_layers)]
+    if fmts.get("experts") not in used:
+        skip += [f"model.layers.{i}.block_sparse_moe.experts" for i in range(num_layers)]
+    bnb = {"quant_method": "bitsandbytes", "load_in_4bit": "nf4" in used, "load_in_8bit": "int8" in used,
+           "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+           "llm_int8_enable_fp32_cpu_offload": False}  # fmt: skip
+    if "nf4" in used:
+        bnb.update(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                   bnb_4bit_compute_dtype=source_dtype, bnb_4bit_quant_storage="uint8")  # fmt: skip
+    return {**bnb, **ours}
 
 
 def plan_tensors(reader: CheckpointReader, fmts: dict[str, str]) -> list[tuple[str, str, str | None]]:
@@ -154,7 +178,7 @@ def quantize(src: str, out: str, *, fmt: str | None = None, experts: str = "nf4"
             if "int4" in fmts.values():
                 qc = compressed.quantization_config(group_size, int4_ignore(reader.config, fmts))
             else:
-                qc = quantization_config(fmts, blocksize, double_quant, src_dtype)
+                qc = quantization_config(fmts, blocksize, double_quant, src_dtype, reader.config.num_hidden_layers)
             conf = reader.config.raw | {"quantization_config": qc}
             writer.write_json("config.json", conf)
             for aux in AUX_FILES:
