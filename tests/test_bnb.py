@@ -110,6 +110,21 @@ def test_int8_logits_within_the_llm_int8_gap():
     assert (logits - ref["logits"]).abs().max() <= gap * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("name", ["nf4-dq", "int8"])
+def test_offloaded_experts_give_the_resident_tokens(name):
+    """Expert offloading reads bitsandbytes' expert tensors (weight_format included) into its slots alike."""
+    ref = reference(name)
+    want = ours(fixture(name), ref["input_ids"])[1]
+    p0 = load_quantized(fixture(name), device="cpu", tokenizer=False, max_memory=2**40).expert_placement
+    for per_layer in (1, 3):
+        budget = p0.fixed_bytes + per_layer * 2 * p0.slot_bytes
+        m = load_quantized(fixture(name), device="cpu", dtype="float32", tokenizer=False, max_memory=budget)
+        assert m.expert_placement.slots == [per_layer] * 2
+        with torch.no_grad():
+            assert torch.equal(m.generate(ref["input_ids"][:1], 8)[0, ref["input_ids"].shape[1]:], want), per_layer
+        assert m.offload_stats()["misses"] > 0
+
+
 def test_quantized_router_is_decoded_once_as_bitsandbytes_decodes_it():
     """transformers 4.x quantizes block_sparse_moe.gate (an nn.Linear there): the loader holds it as a float
     [E, D] parameter equal to bitsandbytes' own dequantization of the stored bytes."""
