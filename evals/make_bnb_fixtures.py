@@ -18,9 +18,10 @@ What it does (CPU only, fixed seeds):
    logits with every int8 weight dequantized first (`logits_dequant`): bitsandbytes' LLM.int8 matmul quantizes the
    activations to int8 too, so the two differ, and that difference is the tolerance our (dequantize-then-matmul)
    logits are held to.
-4. `mixq quantize` (run with --mixq-python, the interpreter of the mixtral-quant venv) on the source, nf4 and int8:
-   the output is loaded by this transformers and its logits compared with mixtral-quant's own; the differences go
-   to `ours.json` and the results file.
+4. `mixq quantize` (run with --mixq-python, the interpreter of the mixtral-quant venv) on the source: nf4, int8,
+   bf16 attention + nf4 experts, and int8 attention + nf4 experts (which transformers must refuse): the output is
+   loaded by this transformers and its logits compared with mixtral-quant's own; the differences go to
+   `ours.json` and the results file.
 """
 
 from __future__ import annotations
@@ -187,10 +188,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ids_file = os.path.join(tmp, "ids.safetensors")
             save_file({"input_ids": ids}, ids_file)
-            for fmt in ("nf4", "int8"):
+            recipes = {"nf4": ["--format", "nf4"], "int8": ["--format", "int8"],
+                       "bf16-attention": ["--attention", "bf16", "--experts", "nf4"],
+                       "mixed": ["--attention", "int8", "--experts", "nf4"]}  # fmt: skip
+            for fmt, flags in recipes.items():
                 out = os.path.join(tmp, f"ours-{fmt}")
-                subprocess.run([args.mixq_python, "-c", "from mixtral_quant.cli.main import main; main()", "quantize", src, "-o", out,
-                                "--format", fmt], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+                subprocess.run([args.mixq_python, "-c", "from mixtral_quant.cli.main import main; main()", "quantize",
+                                src, "-o", out, *flags], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
                 subprocess.run([args.mixq_python, "-c", OURS, out, ids_file, os.path.join(tmp, "l.safetensors")],
                                check=True)  # fmt: skip
                 mine = load_file(os.path.join(tmp, "l.safetensors"))["logits"]

@@ -278,6 +278,14 @@ def test_inspect_and_plan_report_the_fixtures_formats_and_bytes(name):
     assert f"bitsandbytes: attention {fmt}, experts {fmt}, router {fmt}, lm_head bf16" in text
 
 
+@pytest.mark.parametrize("name", list(SUPPORTED))
+def test_plan_from_config_json_alone_reads_the_bitsandbytes_block(name):
+    """A Hub repo id fetches config.json only: the bitsandbytes quantization_config gives the same plan."""
+    r = run("plan", os.path.join(fixture(name), "config.json"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == json.loads(run("plan", fixture(name), "--json").output)
+
+
 # ---- what we write ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
@@ -322,6 +330,11 @@ def test_transformers_457_loaded_our_output_with_our_logits():
     assert rec["nf4"]["max_rel_diff"] <= 1e-5 and rec["nf4"]["top1_agreement"] == 1.0
     assert rec["int8"]["loaded"] and rec["int8"]["modules"] == {"Linear8bitLt": 32, "Linear": 3}
     assert rec["int8"]["max_rel_diff_dequant"] <= 1e-5
+    # a 16-bit class is kept 16-bit there by its full module names in llm_int8_skip_modules
+    assert rec["bf16-attention"]["modules"] == {"Linear4bit": 24, "Linear": 11}
+    assert rec["bf16-attention"]["max_rel_diff"] <= 1e-5
+    # nf4 + int8 cannot be one bitsandbytes config: refused, not misread
+    assert not rec["mixed"]["loaded"] and "load_in_4bit and load_in_8bit are both True" in rec["mixed"]["error"]
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
