@@ -1,5 +1,6 @@
 """`mixq chat`: a multi-turn REPL in Mixtral-Instruct's format, streaming each answer, tokens/s after it.
-With stdin piped, each line is one user turn (for scripts); /reset starts over, /exit or Ctrl-D ends."""
+With stdin piped, each line is one user turn (for scripts); /reset starts over, /exit or Ctrl-D ends.
+Ctrl-C while answering stops the reply and returns to the prompt; Ctrl-C or Ctrl-D at the prompt exits (status 0)."""
 
 import sys
 import time
@@ -22,7 +23,8 @@ def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, 
          compile):  # fmt: skip
     """Chat with the model at PATH in the [INST] ... [/INST] instruct format.
 
-    Type a message and press Enter; /reset forgets the conversation, /exit (or Ctrl-D) quits. With stdin piped,
+    Type a message and press Enter; Ctrl-C stops a reply (the partial reply is kept); /reset forgets the
+    conversation, /exit, Ctrl-D or Ctrl-C at the prompt quits. With stdin piped,
     every line is one user turn and answers go to stdout, one per line group.
 
     \b
@@ -43,7 +45,10 @@ def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, 
     while True:
         try:
             line = input("> " if interactive else "")
-        except EOFError:
+        except EOFError:  # Ctrl-D
+            break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave quietly, status 0
+            click.echo(err=True)
             break
         line = line.strip()
         if not line:
@@ -65,24 +70,37 @@ def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, 
             continue
         stream = tok.stream()
         t0 = time.perf_counter()
-        first = []
+        first, got = [], []
 
         def on_token(t):
             if not first:
                 first.append(time.perf_counter())
+            got.append(int(t[0]))
             if int(t[0]) != tok.eos_id:
                 text = stream.push(int(t[0]))
                 if text:
                     click.echo(text, nl=False)
 
-        out = model.generate(torch.tensor([ids]), max_new_tokens, eos=tok.eos_id, callback=on_token, compile=compile,
-                             **sampling_kwargs(temperature, top_p, top_k, seed))  # fmt: skip
+        try:
+            model.generate(torch.tensor([ids]), max_new_tokens, eos=tok.eos_id, callback=on_token, compile=compile,
+                           **sampling_kwargs(temperature, top_p, top_k, seed))  # fmt: skip
+            stopped = False
+        except KeyboardInterrupt:  # Ctrl-C while answering: stop this reply, keep the conversation
+            stopped = True
         click.echo(stream.flush())
-        new = [t for t in out[0, len(ids):].tolist() if t != tok.eos_id]
+        new = [t for t in got if t != tok.eos_id]
+        if stopped and not new:
+            history.pop()
+            click.echo("[stopped before any reply: your message was dropped from the conversation]", err=True)
+            continue
         history.append({"role": "assistant", "content": tok.decode(new) or " "})
+        if stopped:
+            click.echo(f"[stopped after {len(got)} tokens: the partial reply is kept in the conversation; "
+                       "/reset to start over]", err=True)  # fmt: skip
+            continue
         dt = time.perf_counter() - t0
         decode = dt - (first[0] - t0) if first else 0
-        n = out.shape[1] - len(ids)
+        n = len(got)
         tps = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
         click.echo(f"[{n} tokens, {tps:.1f} tok/s, prompt {len(ids)} tokens]", err=True)
         if stats:

@@ -13,6 +13,7 @@ from .generate import generate
 from .inspect import inspect
 from .plan import plan
 from .quantize import quantize
+from .serve import serve
 
 
 class MixqGroup(click.Group):
@@ -56,6 +57,7 @@ cli.add_command(generate)
 cli.add_command(chat)
 cli.add_command(demo)
 cli.add_command(eval_)
+cli.add_command(serve)
 
 
 def main():
