@@ -75,7 +75,7 @@ def serve(path, host, port, api_key, model_name, max_batch, max_queue, context, 
     for name in ("mixtral_quant.serve", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers, logger.propagate = [handler], False
-        logger.setLevel(logging.INFO)
+        logger.setLevel(min(logging.INFO, logging.getLogger().level))  # -vv: the engine's debug lines too
     if not is_loopback(host) and not api_key:
         logging.getLogger("mixtral_quant.serve").warning(
             "serving on %s without an API key: anyone who can reach this port can use the model "

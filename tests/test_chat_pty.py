@@ -29,7 +29,8 @@ def spawn(*args) -> pexpect.spawn:
 def test_ctrl_c_stops_the_reply_and_keeps_the_conversation():
     child = spawn("-n", "900")
     child.sendline(FIRST)
-    child.expect(r"\S{20}")  # the answer is streaming
+    child.expect_exact(FIRST)  # the terminal's echo of the message
+    child.expect(r"[\s\S]{80}")  # 80 characters of answer: it is streaming
     child.sendintr()  # Ctrl-C
     child.expect(r"\[stopped after (\d+) tokens: the partial reply is kept in the conversation")
     stopped_after = int(child.match.group(1))

@@ -199,6 +199,31 @@ def test_eight_concurrent_streams_are_batched(server, oracle):
     assert server.engine.batches - batches < 8  # requests shared batches
 
 
+def test_requests_join_a_running_batch(server, oracle):
+    """Requests sent while a long answer decodes join its batch (no new batch) and finish long before it; each
+    gets its own greedy text."""
+    server.wait_idle()
+    batches = server.engine.batches
+    client, cm, lines = open_stream(server.url, {"prompt": "def main():\n    parser = argparse.ArgumentParser()",
+                                                 "max_tokens": 400, "temperature": 0, "ignore_eos": True})  # fmt: skip
+    head = [json.loads(next(lines)[6:]) for _ in range(20)]
+    c = server.client()
+    for p, n in [("import os", 12), ("class Queue:", 20)]:
+        at = server.engine.steps
+        r = c.completions.create(model=NAME, prompt=p, temperature=0, max_tokens=n)
+        ids = oracle.tokenizer.encode(p)
+        new = greedy(oracle, ids, n)
+        assert r.choices[0].text == text_of(oracle, new, chat=False, prompt_ids=ids)
+        assert server.engine.steps - at < n + 40  # it did not wait for the 400-token answer
+    rest = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+    cm.__exit__(None, None, None)
+    client.close()
+    assert server.engine.batches == batches + 1 and rest[-1]["choices"][0]["finish_reason"] == "length"
+    ids = oracle.tokenizer.encode("def main():\n    parser = argparse.ArgumentParser()")
+    want = text_of(oracle, greedy(oracle, ids, 400, eos=[]), chat=False, prompt_ids=ids)
+    assert "".join(x["choices"][0]["text"] for x in head + rest) == want  # the long row was not disturbed
+
+
 def test_one_log_line_per_request(server, caplog):
     with caplog.at_level(logging.INFO, logger="mixtral_quant.serve"):
         r = server.client().completions.create(model=NAME, prompt="import re", temperature=0, max_tokens=8)

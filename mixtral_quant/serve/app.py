@@ -217,10 +217,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                                 f"completion). Please reduce the prompt or max_tokens.",
                            param="messages" if chat else "prompt", code="context_length_exceeded")  # fmt: skip
         loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[Chunk] = asyncio.Queue()
+        chunks: asyncio.Queue[Chunk] = asyncio.Queue()  # a stream: every chunk crosses to the event loop
+        text: list[str] = []  # a whole answer: the engine's thread collects the text, the loop wakes up once
+        done: asyncio.Future[Chunk] = loop.create_future()
 
         def emit(chunk: Chunk) -> None:  # called by the engine's thread
-            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            if body.stream:
+                loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+                return
+            text.append(chunk.text)
+            if chunk.finish_reason is not None:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(chunk))
 
         req = GenRequest(ids, max_tokens or context - n, emit, body.temperature, body.top_p, body.seed, body.stops(),
                          body.ignore_eos, strip_leading_space=chat, id=rid)  # fmt: skip
@@ -232,21 +239,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(_events(req, chunks, meta, chat, usage), ping=15)
-        text, last = [], None
         try:
-            while last is None:
-                try:
-                    chunk = await asyncio.wait_for(chunks.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        _log_done(req, None, "client disconnected")
-                        return JSONResponse({}, status_code=499)
-                    continue
-                text.append(chunk.text)
-                if chunk.finish_reason is not None:
-                    last = chunk
+            while not done.done():
+                await asyncio.wait([done], timeout=0.5)
+                if not done.done() and await request.is_disconnected():
+                    _log_done(req, None, "client disconnected")
+                    return JSONResponse({}, status_code=499)
         finally:
-            req.cancel()  # a no-op once finished; stops the row when this task was cancelled
+            req.cancel()  # a no-op once finished; stops the row when the client left or this task was cancelled
+        last = done.result()
         if last.finish_reason == "error":
             _log_done(req, last, last.error)
             raise APIError(500, f"generation failed: {last.error}", type="server_error")

@@ -1,13 +1,16 @@
 """The batching engine: one worker thread owns the model; the requests waiting when it is free (up to max_batch)
 are decoded together as one left-padded batch, each row with its own sampling, stop strings and token limit.
 
-Later arrivals wait in a bounded queue (`QueueFull` when it is full: the server answers 503). A row that finishes or
-is cancelled (its client went away) leaves the batch at the next step: its KV-cache row is dropped, so the batch
-shrinks and the step gets cheaper. Nothing here knows HTTP; results go to each request's `emit` callback.
+Requests arriving while a batch decodes join it at the next step when a row is free and they fit (prefilled alone
+into that cache row, left-padded to the batch's position); the others wait in a bounded queue (`QueueFull` when it
+is full: the server answers 503). A row that finishes or is cancelled (its client went away) leaves the batch at the
+next step: its KV-cache row is dropped, the step gets cheaper and the row is free for a newcomer. Nothing here knows
+HTTP; results go to each request's `emit` callback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -122,6 +125,8 @@ class Engine:
         self.steps = 0  # model forwards so far (prefills + decode steps): tests count them
         self.batches = 0
         self._busy = False
+        self._held: GenRequest | None = None  # taken from the queue but did not fit the running batch
+        self._members: list[GenRequest] = []  # every request of the running batch (to fail them if it fails)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mixq-engine", daemon=True)
 
@@ -140,7 +145,7 @@ class Engine:
     @property
     def busy(self) -> bool:
         """A batch is decoding or requests are waiting."""
-        return self._busy or not self.queue.empty()
+        return self._busy or self._held is not None or not self.queue.empty()
 
     def submit(self, req: GenRequest) -> None:
         n = len(req.prompt_ids)
@@ -153,10 +158,12 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self.queue.get(timeout=0.05)
-            except queue.Empty:
-                continue
+            first, self._held = self._held, None
+            if first is None:
+                try:
+                    first = self.queue.get(timeout=0.05)
+                except queue.Empty:
+                    continue
             self._busy = True
             batch = [first]
             deadline = time.perf_counter() + self.batch_wait
@@ -165,18 +172,20 @@ class Engine:
                     batch.append(self.queue.get(timeout=max(0.0, deadline - time.perf_counter())))
                 except queue.Empty:
                     break
-            batch = [r for r in batch if not r.cancelled.is_set()]
+            self._members = [r for r in batch if not r.cancelled.is_set()]
             try:
-                if batch:
-                    self._decode(batch)
+                if self._members:
+                    self._decode(list(self._members))
             except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server: fail its requests
-                log.exception("batch of %d failed", len(batch))
-                for r in batch:
-                    _emit(r, Chunk("", "error", error=f"{type(e).__name__}: {e}"))
+                log.exception("batch of %d failed", len(self._members))
+                for r in self._members:
+                    if not r.t_end:
+                        _emit(r, Chunk("", "error", error=f"{type(e).__name__}: {e}"))
             finally:
                 self._busy = False
 
     def _decode(self, reqs: list[GenRequest]) -> None:
+        """Decode `reqs` as one batch; requests arriving meanwhile join it (see _admit) while it has room."""
         model, device = self.model, self.model.device
         B, S = len(reqs), max(len(r.prompt_ids) for r in reqs)
         ids = torch.zeros(B, S, dtype=torch.long)
@@ -190,6 +199,7 @@ class Engine:
         if (model.max_batch_size, model.max_seq_length) != (self.max_batch, L):
             model.setup_caches(self.max_batch, L)
         rows = [Row(r, model.tokenizer, self.eos_id, device) for r in reqs]
+        log.debug("batch %d: %d rows, prompt length %d, cache length %d", self.batches, B, S, L)
         t0 = time.perf_counter()
         for r in reqs:
             r.t_start = t0
@@ -197,15 +207,9 @@ class Engine:
         with torch.inference_mode():
             logits = model(ids, torch.arange(S, device=device), mask, last_only=True)[:, -1]  # [B, V]
             self.steps += 1
+            cur = self._push(rows, self._sample(logits, rows))
             pos = S
             while True:
-                cur = self._sample(logits, rows)  # [B]
-                for row, t in zip(rows, cur.tolist()):
-                    chunk = row.push(t)
-                    if row.done:
-                        row.req.t_end = time.perf_counter()
-                    if chunk is not None:
-                        _emit(row.req, chunk)
                 keep = [i for i, row in enumerate(rows) if not row.done and not row.req.cancelled.is_set()]
                 if not keep:
                     return
@@ -213,9 +217,64 @@ class Engine:
                     idx = torch.tensor(keep, device=device)
                     rows, cur, mask = [rows[i] for i in keep], cur[idx], mask[idx]
                     _keep_cache_rows(model, idx)
+                rows, cur, mask = self._admit(rows, cur, mask, pos, L)
                 logits = decode_logits(model, cur, torch.tensor([pos], device=device), mask)  # [B, V]
                 self.steps += 1
                 pos += 1
+                cur = self._push(rows, self._sample(logits, rows))
+
+    def _admit(self, rows: list[Row], cur: Tensor, mask: Tensor, pos: int, L: int):
+        """Let waiting requests join the running batch (continuous batching) while it has free rows.
+
+        A newcomer with n prompt tokens is prefilled alone into the next free cache row at positions pos-n..pos-1,
+        left-padded by pos-n (so it needs n <= pos, and pos + max_tokens <= L); from the next step on it decodes
+        with the others. Requests join in arrival order: the first that does not fit is held (and those behind it
+        wait) until it fits, at a later step (a prompt longer than pos) or in the next batch.
+        """
+        model, device = self.model, self.model.device
+        while len(rows) < self.max_batch:
+            r, self._held = self._held, None
+            if r is None:
+                try:
+                    r = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if r.cancelled.is_set():
+                continue
+            n = len(r.prompt_ids)
+            if n > pos or pos + r.max_tokens > L:  # fits a few steps later, or only a new batch
+                self._held = r
+                break
+            i = len(rows)
+            row_mask = torch.zeros(1, pos, dtype=torch.long, device=device)
+            row_mask[:, pos - n:] = 1
+            ids = torch.tensor([r.prompt_ids], device=device)
+            row = Row(r, model.tokenizer, self.eos_id, device)
+            r.t_start = time.perf_counter()
+            self._members.append(r)
+            with _cache_row(model, i):
+                logits = model(ids, torch.arange(pos - n, pos, device=device), row_mask, last_only=True)[:, -1]
+            self.steps += 1
+            tok = self._push([row], self._sample(logits, [row]))
+            if row.done:
+                continue
+            # widen the batch's mask to pos columns (positions past the old width are real for the old rows)
+            old = torch.ones(mask.shape[0], pos, dtype=mask.dtype, device=device)
+            old[:, : mask.shape[1]] = mask
+            rows, cur, mask = rows + [row], torch.cat([cur, tok]), torch.cat([old, row_mask])
+            log.debug("request %s joined the batch at position %d (%d rows)", r.id, pos, len(rows))
+        return rows, cur, mask
+
+    @staticmethod
+    def _push(rows: list[Row], cur: Tensor) -> Tensor:
+        """Hand each row its new token and send what it completes; returns cur."""
+        for row, t in zip(rows, cur.tolist()):
+            chunk = row.push(t)
+            if row.done:
+                row.req.t_end = time.perf_counter()
+            if chunk is not None:
+                _emit(row.req, chunk)
+        return cur
 
     @staticmethod
     def _sample(logits: Tensor, rows: list[Row]) -> Tensor:
@@ -234,6 +293,20 @@ def _keep_cache_rows(model, idx: Tensor) -> None:
         c = layer.self_attn.kv_cache
         c.k_cache[:n] = c.k_cache.index_select(0, idx)
         c.v_cache[:n] = c.v_cache.index_select(0, idx)
+
+
+@contextlib.contextmanager
+def _cache_row(model, i: int):
+    """Point every layer's KV cache at its row i alone, so that a batch-1 forward reads and writes that row."""
+    caches = [layer.self_attn.kv_cache for layer in model.layers]
+    full = [(c.k_cache, c.v_cache) for c in caches]
+    try:
+        for c, (k, v) in zip(caches, full):
+            c.k_cache, c.v_cache = k[i : i + 1], v[i : i + 1]
+        yield
+    finally:
+        for c, (k, v) in zip(caches, full):
+            c.k_cache, c.v_cache = k, v
 
 
 def _emit(req: GenRequest, chunk: Chunk) -> None:
