@@ -40,7 +40,8 @@ def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, 
     interactive = sys.stdin.isatty()
     limit = model.config.max_position_embeddings
     if interactive:
-        click.echo(f"loaded {path} in {load_s:.1f} s on {model.device}; /reset to start over, /exit to quit", err=True)
+        click.echo(f"loaded {path} in {load_s:.1f} s on {model.device}; Ctrl-C stops an answer, /reset starts over, "
+                   "/exit to quit", err=True)  # fmt: skip
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     while True:
         try:

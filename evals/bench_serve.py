@@ -3,7 +3,7 @@
 Starts `mixq serve MODEL` in a subprocess (one torch thread: OMP_NUM_THREADS=1), then for each run: one client sends
 --requests completions one after another; then 8 clients do the same at once. Every completion decodes exactly
 --max-tokens tokens (greedy, vLLM's ignore_eos), so both sides do the same work per request. Prints each run and the
-medians, and the ratio; --out writes the same text to a file headed by date, machine and command.
+medians, and the median of the runs' ratios (robust to the load of a shared machine drifting between runs); --out writes the same text to a file headed by date, machine and command.
 
     python evals/bench_serve.py --out evals/results/serve_bench.txt
 """
@@ -109,7 +109,9 @@ def main():
             many_tps.append(n8 / t8)
             say(f"{run:>3}  {n1 / t1:>15.1f}  {n8 / t8:>16.1f}  {n8 / t8 / (n1 / t1):>5.2f}x")
         a, b = statistics.median(one_tps), statistics.median(many_tps)
-        say(f"median  1 client {a:.1f} tok/s   {args.clients} clients {b:.1f} tok/s   ratio {b / a:.2f}x")
+        ratio = statistics.median(m / o for o, m in zip(one_tps, many_tps))
+        say(f"median  1 client {a:.1f} tok/s   {args.clients} clients {b:.1f} tok/s   "
+            f"ratio {ratio:.2f}x (median of the runs' ratios; each run measures both sides back to back)")
     finally:
         server.terminate()
         server.wait(30)

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,8 +21,11 @@ import openai
 import pytest
 import torch
 import uvicorn
+from click.testing import CliRunner
 
 from mixtral_quant import load_quantized
+from mixtral_quant.cli.main import cli
+from mixtral_quant.cli.serve import is_loopback
 from mixtral_quant.serve.app import create_app
 from mixtral_quant.serve.engine import Engine, GenRequest, QueueFull
 
@@ -252,6 +260,8 @@ BAD = [  # (why, body or raw bytes, status, error param or message fragment)
     ("unknown role", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
     ("assistant first", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "must start with a user"),
     ("n = 2", {"messages": CHAT, "n": 2}, 400, "n"),
+    ("seed beyond 64 bits", {"messages": CHAT, "seed": 1 << 64}, 400, "seed"),
+    ("stop not strings", {"messages": CHAT, "stop": [1, 2]}, 400, "stop"),
     ("prompt beyond the context", {"messages": [{"role": "user", "content": "word " * 600}]}, 400,
      "maximum context length is 512"),
     ("prompt + max_tokens beyond the context", {"messages": CHAT, "max_tokens": 500}, 400, "maximum context length"),
@@ -342,7 +352,7 @@ def test_cancelled_stream_stops_decoding(server, oracle):
     client.close()
     at_close = server.engine.steps
     server.wait_idle()
-    assert server.engine.steps - at_close <= 5, (at_close, server.engine.steps)
+    assert server.engine.steps - at_close <= 10, (at_close, server.engine.steps)  # of 400
     r = server.client().completions.create(model=NAME, prompt="def main():", temperature=0, max_tokens=10,
                                            extra_body={"ignore_eos": True})  # fmt: skip
     ids = oracle.tokenizer.encode("def main():")
@@ -409,3 +419,55 @@ def test_engine_rejects_beyond_context_and_queue(model):
     e.submit(GenRequest([1, 2], 5, lambda c: None))
     with pytest.raises(QueueFull, match="2 requests are already waiting"):
         e.submit(GenRequest([1, 2], 5, lambda c: None))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mixq_serve_command_json_logs(oracle):
+    """The command itself: starts, answers, logs one JSON line per request, stops on SIGTERM."""
+    port = _free_port()
+    mixq = shutil.which("mixq") or os.path.join(os.path.dirname(sys.executable), "mixq")
+    proc = subprocess.Popen([mixq, "serve", "builtin:tiny-mixtral", "--port", str(port), "--device", "cpu",
+                             "--json-logs", "--model-name", "tm"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "mixq serve did not start"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="tm", messages=CHAT, temperature=0, max_tokens=10)
+        ids = oracle.tokenizer.apply_chat_template(CHAT)
+        assert r.choices[0].message.content == text_of(oracle, greedy(oracle, ids, 10))
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    logs = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    # a clean shutdown; uvicorn then re-raises SIGTERM, so the status is -15 (or 0 with older uvicorn)
+    assert proc.returncode in (0, -15) and logs[-1]["message"].startswith("Finished server process"), err
+    mine = [x for x in logs if x.get("id") == r.id]
+    assert len(mine) == 1 and mine[0]["completion_tokens"] == r.usage.completion_tokens
+    assert mine[0]["prompt_tokens"] == len(ids) and mine[0]["queue_wait_s"] >= 0 and mine[0]["tokens_per_s"] > 0
+
+
+def test_mixq_serve_warns_on_a_public_host_without_a_key():
+    """192.0.2.1 (TEST-NET, never local): the warning comes first, then binding fails; nothing is exposed."""
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1") and not is_loopback("example.com")
+    mixq = shutil.which("mixq") or os.path.join(os.path.dirname(sys.executable), "mixq")
+    env = {k: v for k, v in os.environ.items() if k != "MIXQ_API_KEY"}
+    r = subprocess.run([mixq, "serve", "builtin:tiny-mixtral", "--host", "192.0.2.1", "--port", "8000", "--device",
+                        "cpu"], capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert "serving on 192.0.2.1 without an API key" in r.stderr, r.stderr
+    assert r.returncode != 0
+    assert CliRunner().invoke(cli, ["serve", "--help"]).exit_code == 0

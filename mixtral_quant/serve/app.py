@@ -59,7 +59,7 @@ class _Params(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's range and default
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -121,8 +121,11 @@ class Guard:
                 return await error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                                             code="invalid_api_key")(scope, receive, send)  # fmt: skip
         length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body:
-            _log_rejected(scope, 413, f"body of {length.decode(errors='replace')} bytes")
+        if not length.isdigit():
+            _log_rejected(scope, 400, "invalid Content-Length")
+            return await error_response(400, "invalid Content-Length header")(scope, receive, send)
+        if int(length) > self.max_body:
+            _log_rejected(scope, 413, f"body of {length.decode()} bytes")
             return await error_response(413, f"request body larger than {self.max_body} bytes")(scope, receive, send)
         seen = 0
 
