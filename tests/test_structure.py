@@ -141,7 +141,7 @@ def test_cli_modules_do_not_import_main():
         assert "mixtral_quant.cli.main" not in g[m], m
     from mixtral_quant.cli.main import cli
 
-    assert sorted(cli.commands) == ["chat", "demo", "eval", "generate", "inspect", "plan", "quantize"]
+    assert sorted(cli.commands) == ["chat", "demo", "eval", "generate", "inspect", "plan", "quantize", "serve"]
 
 
 def _run(code: str) -> str:
@@ -170,7 +170,7 @@ def test_cli_starts_without_torch():
         "print(repr((codes, heavy)))\n"
     )
     codes, heavy = eval(out.splitlines()[-1])
-    assert codes == [0] * 8 + [2, 2], codes  # --help exits 0; click's usage errors exit 2
+    assert codes == [0] * 9 + [2, 2], codes  # --help exits 0; click's usage errors exit 2
     assert heavy == [], f"imported at start-up: {heavy}"
 
 
