@@ -80,6 +80,11 @@ def serve(path, host, port, api_key, model_name, max_batch, max_queue, context, 
         logging.getLogger("mixtral_quant.serve").warning(
             "serving on %s without an API key: anyone who can reach this port can use the model "
             "(set --api-key or MIXQ_API_KEY)", host)  # fmt: skip
+    if max_memory is not None and max_batch > 1:
+        logging.getLogger("mixtral_quant.serve").warning(
+            "--max-memory places experts for a KV cache of one sequence; the server's cache holds up to --max-batch "
+            "%d x --context %d tokens: leave room for it (a lower budget, --max-batch or --context)", max_batch,
+            context)  # fmt: skip
     model, load_s = load(path, device, dtype, backend, max_memory)
     name = model_name or path  # as vLLM: the model argument, unless --model-name
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, context=context)

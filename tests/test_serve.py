@@ -359,6 +359,20 @@ def test_cancelled_stream_stops_decoding(server, oracle):
     assert r.choices[0].text == text_of(oracle, greedy(oracle, ids, 10, eos=[]), chat=False, prompt_ids=ids)
 
 
+def test_abandoned_whole_answer_stops_decoding(server):
+    """A non-streamed request whose client gives up (here: a 0.5 s read timeout) stops too: the server polls for the
+    disconnect every 0.1 s, so decoding stops well before max_tokens."""
+    server.wait_idle()
+    steps = server.engine.steps
+    body = {"model": NAME, "prompt": "def main():", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    at_close = server.engine.steps
+    server.wait_idle()
+    assert at_close - steps < 480, "finished before the client gave up: the test proves nothing"
+    assert server.engine.steps - at_close < 60, (steps, at_close, server.engine.steps)
+
+
 def test_cancelled_row_leaves_the_batch(server, oracle):
     """Two streams in one batch: one is closed, the other finishes with its own greedy text, and the batch took
     about as many steps as the survivor needed (the closed row did not keep the batch going)."""

@@ -244,7 +244,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             return EventSourceResponse(_events(req, chunks, meta, chat, usage), ping=15)
         try:
             while not done.done():
-                await asyncio.wait([done], timeout=0.5)
+                await asyncio.wait([done], timeout=0.1)
                 if not done.done() and await request.is_disconnected():
                     _log_done(req, None, "client disconnected")
                     return JSONResponse({}, status_code=499)
