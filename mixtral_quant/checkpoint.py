@@ -1,6 +1,8 @@
 """Checkpoints on disk: resolve a source, read sharded safetensors through the index, write packed shards.
 
-Reading never loads a whole shard: tensors come one at a time from memory-mapped files (safe_open).
+Reading never loads a whole shard: tensors come one at a time from memory-mapped files (safe_open), and the reader
+keeps the data pages of one shard mapped at a time (a mapped page read once stays resident: counted in RSS and
+charged by a cgroup), so reading a checkpoint in shard order holds at most its largest shard.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class CheckpointError(ValueError):
 class CheckpointReader:
     """Read-only view of a checkpoint directory: config, tensor names, and tensors one at a time.
 
-    Use as a context manager (or call close()): open shard handles are cached.
+    Use as a context manager (or call close()). Shard headers stay open; the data of a shard stays mapped only
+    until a tensor of another shard is read (then that shard's mapping is dropped and reopened when needed).
     """
 
     def __init__(self, path: str):
@@ -57,6 +60,7 @@ class CheckpointReader:
         self.int4_group_size = (compressed.check_config(qc, os.path.join(self.path, "config.json"))
                                 if compressed.is_compressed_tensors(qc) else None)  # fmt: skip
         self._handles: dict[str, object] = {}
+        self._data_shard: str | None = None  # the shard whose data pages the last get() touched
         self.weight_map = self._read_weight_map()  # tensor name -> shard file name
         for shard in sorted(set(self.weight_map.values())):
             self._handle(shard)  # opens every shard now: a truncated or corrupt header fails here, by name
@@ -179,7 +183,11 @@ class CheckpointReader:
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-        t = self._handle(self.weight_map[name]).get_tensor(name)
+        shard = self.weight_map[name]
+        if self._data_shard not in (None, shard):
+            self.release(self._data_shard)
+        self._data_shard = shard
+        t = self._handle(shard).get_tensor(name)
         return t if str(device) == "cpu" else t.to(device)
 
     def module(self, prefix: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -244,8 +252,15 @@ class CheckpointReader:
             self._checked = True
         return self.encoding()
 
+    def release(self, shard: str) -> None:
+        """Unmap `shard` (the pages it read leave this process); its header is read again if asked for."""
+        self._handles.pop(shard, None)
+        if self._data_shard == shard:
+            self._data_shard = None
+
     def close(self):
         self._handles.clear()
+        self._data_shard = None
 
     def __enter__(self):
         return self
