@@ -74,6 +74,19 @@ def test_logits_match_transformers(tmp_path, fmt):
         assert rel_err(model(ids), ref(ids).logits) < RTOL
 
 
+def test_unusual_config_matches_transformers(tmp_path):
+    """The config values every other test leaves at Mixtral's: top-3 routing, 4:1 GQA, an explicit head_dim unlike
+    hidden / heads, a large rms_norm_eps. A top-k, eps or head_dim hard-coded anywhere disagrees with transformers."""
+    cfg = dict(num_experts_per_tok=3, num_key_value_heads=1, head_dim=24, rms_norm_eps=0.05)
+    path = packed(tmp_path, "nf4", cfg)
+    model = load_quantized(path, device="cpu", tokenizer=False)
+    assert (model.config.num_experts_per_tok, model.config.head_dim, model.config.rms_norm_eps) == (3, 24, 0.05)
+    ref = oracle(path, tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(model(ids), ref(ids).logits) < RTOL
+
+
 def test_mixed_recipe_and_sliding_window(tmp_path):
     """int8 attention + nf4 experts; a sliding window (5) shorter than the sequence (17); 8 heads over 2 kv heads."""
     cfg = {"sliding_window": 5, "num_attention_heads": 8, "num_key_value_heads": 2}
