@@ -1,5 +1,9 @@
-"""Peak resident memory (ru_maxrss, as the OS and a cgroup see it) of quantizing a multi-shard checkpoint to NF4,
-above the baseline of the interpreter with torch and the quantizer imported.
+"""Peak resident memory (VmHWM, as the OS and a cgroup see it) of quantizing a multi-shard checkpoint to NF4, above
+the baseline of the interpreter with torch and the quantizer imported.
+
+VmHWM (/proc/self/status) is the process's peak RSS, file-backed mapped pages included: what ru_maxrss reports,
+except that Linux carries ru_maxrss over fork and exec, so a child of a large parent (this script after writing the
+checkpoint, or pytest) would start with the parent's peak and hide its own below it.
 
 The bound (README): at most the largest source shard (its pages stay mapped while it is read) + one output shard
 (the writer's buffer) + the largest tensor (and its quantization temporaries). `--keep-maps` measures the old
@@ -27,9 +31,12 @@ SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_att
              rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False, bos_token_id=1,
              eos_token_id=2)  # fmt: skip
 
-# Runs in a fresh interpreter: the baseline is ru_maxrss after the imports, the peak ru_maxrss after quantizing.
+# Runs in a fresh interpreter: the baseline is VmHWM after the imports, the peak VmHWM after quantizing.
 CHILD = r"""
 import json, os, resource, sys
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 import torch, tqdm, safetensors.torch
 import mixtral_quant.quantize as Q
 from mixtral_quant.checkpoint import CheckpointReader
@@ -37,10 +44,11 @@ src, out, max_shard, keep_maps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys
 torch.set_num_threads(1)
 if keep_maps:  # the reader before issue 11: every shard's mapping kept until the reader closes
     CheckpointReader.release = lambda self, shard: None
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 r = Q.quantize(src, out, fmt="nf4", device="cpu", max_shard_size=max_shard, progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"baseline_rss": base, "peak_rss": peak, "seconds": r.seconds, "output_bytes": r.output_bytes}))
+peak = hwm()
+print(json.dumps({"baseline_rss": base, "peak_rss": peak, "seconds": r.seconds, "output_bytes": r.output_bytes,
+                  "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -91,7 +99,7 @@ def write_checkpoint(path: str, layers: int, shards: int, seed: int = 0, shape: 
 
 
 def measure(src: str, out: str, max_shard_size: int, keep_maps: bool = False) -> dict:
-    """One quantization in a fresh process: {baseline_rss, peak_rss, seconds, output_bytes} (bytes)."""
+    """One quantization in a fresh process: {baseline_rss, peak_rss, seconds, output_bytes, ru_maxrss} (bytes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", CHILD, src, out, str(max_shard_size), "1" if keep_maps else "0"],
                        capture_output=True, text=True, env=env, timeout=1800)  # fmt: skip

@@ -737,7 +737,9 @@ class ShardWriter:
         for k, t in tensors.items():
             if k in self._buffer or any(k in p for p in self._parts):
                 raise ValueError(f"tensor {k!r} written twice")
-            self._buffer[k] = t.detach().to("cpu").contiguous()
+            # A copy the writer owns: a tensor read from a source shard is a view of that shard's memory map and
+            # would keep the whole map (every page read) resident until this buffer is written.
+            self._buffer[k] = t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
         self._buffered += size
         self.max_buffered_bytes = max(self.max_buffered_bytes, self._buffered)
 
