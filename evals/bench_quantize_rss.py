@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         f"{'seconds':>8}",
     ]
     for mode, m in res["runs"].items():
-        name = "releases each shard (now)" if mode == "new" else "keeps every map (before)"
+        name = "releases each shard (now)" if mode == "new" else "keeps every map (old reader)"
         lines.append(f"{name:<28} {m['baseline_rss'] / mb:>12.1f} {m['peak_rss'] / mb:>9.1f} "
                      f"{m['above_baseline'] / mb:>9.1f} {100 * m['fraction_of_checkpoint']:>9.1f}% "
                      f"{'yes' if m['above_baseline'] <= res['bound_bytes'] else 'NO':>9} {m['seconds']:>8.1f}")

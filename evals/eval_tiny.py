@@ -18,7 +18,9 @@ import time
 
 import torch
 
+from mixtral_quant import plan_memory
 from mixtral_quant.checkpoint import inspect_checkpoint, resolve_source
+from mixtral_quant.config import MixtralConfig
 from mixtral_quant.evaluate import WEIGHT_CLASSES, encode_text, evaluate, load_text, save_plot, token_windows
 from mixtral_quant.quantize import quantize
 
@@ -44,6 +46,14 @@ def bits(path: str) -> tuple[float, float]:
     q_bytes = sum(c[k]["bytes"] for k in QUANTIZED)
     q_params = sum(c[k]["params"] for k in QUANTIZED)
     return 8 * q_bytes / q_params, info["total"]["bits_per_param"]
+
+
+def mixtral_bits(recipe: dict) -> tuple[float, float]:
+    """The same recipe's bits per parameter on Mixtral-8x7B (attention + experts, all): exact bytes from the plan."""
+    p = plan_memory(MixtralConfig.from_name("Mixtral-8x7B-v0.1"), **recipe)
+    q_bytes = sum(p.class_bytes[k] for k in QUANTIZED)
+    q_params = sum(p.class_params[k] for k in QUANTIZED)
+    return 8 * q_bytes / q_params, 8 * sum(p.class_bytes.values()) / sum(p.class_params.values())
 
 
 def main(argv=None) -> int:
@@ -81,7 +91,7 @@ def main(argv=None) -> int:
             out = quantize(src, os.path.join(tmp, name), device="cpu", progress=False, **recipe).output
             r = evaluate(out, src, windows, device="cpu", weight_errors=True, progress=False)
             qbits, allbits = bits(out)
-            results.append((name, qflags, goal, qbits, allbits, r))
+            results.append((name, qflags, goal, qbits, allbits, r, mixtral_bits(recipe)))
             commands.append(f"mixq quantize {args.source} -o tiny-{name} {qflags}\n"
                             f"mixq eval tiny-{name} --reference {args.source} {flags} --json")  # fmt: skip
             if args.plot_dir:
@@ -90,25 +100,27 @@ def main(argv=None) -> int:
                          f"KL {r.kld_mean:.4f}, top-1 {100 * r.top1_agreement:.1f}%")  # fmt: skip
                 save_plot(r, os.path.join(args.plot_dir, f"{name}.png"), title=title)
             print(f"{name}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    ref = results[0][-1].reference
-    n_tokens = results[0][-1].tokens
+    ref = results[0][5].reference
+    n_tokens = results[0][5].tokens
     print(f"Text: `{os.path.relpath(text_src) if os.path.exists(text_src) else text_src}`, {len(ids):,} tokens "
           f"-> {windows.shape[0]} windows of {args.context} ({n_tokens:,} predicted tokens). Reference: bf16 "
           f"`{args.source}`, perplexity {ref.ppl:.4f}.\n")  # fmt: skip
-    print("| recipe | `mixq quantize` flags | bits/param (attn + experts) | bits/param (all) | perplexity | vs bf16 "
-          "| KL mean (nats/token) | KL p99 | top-1 agreement | goal |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    print(f"| bf16 | (the source) | 16.00 | 16.00 | {ref.ppl:.4f} | | | | | |")
-    for name, qflags, goal, qbits, allbits, r in results:
+    print("| recipe | `mixq quantize` flags | bits/param (attn + experts) | bits/param (all) | same recipe on "
+          "Mixtral-8x7B: attn + experts / all | perplexity | vs bf16 | KL mean (nats/token) | KL p99 "
+          "| top-1 agreement | goal |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(f"| bf16 | (the source) | 16.00 | 16.00 | 16.00 / 16.00 | {ref.ppl:.4f} | | | | | |")
+    for name, qflags, goal, qbits, allbits, r, (mq, mall) in results:
         inc = r.quantized.ppl / r.reference.ppl - 1
         verdict = "" if goal is None else f"{'met' if inc <= goal else 'NOT met'} (≤ +{100 * goal:g}%)"
-        print(f"| {name} | `{qflags}` | {qbits:.2f} | {allbits:.2f} | {r.quantized.ppl:.4f} | {100 * inc:+.4f}% "
+        print(f"| {name} | `{qflags}` | {qbits:.2f} | {allbits:.2f} | {mq:.2f} / {mall:.2f} | {r.quantized.ppl:.4f} "
+              f"| {100 * inc:+.4f}% "
               f"| {r.kld_mean:.5f} | {r.kld_p99:.4f} | {100 * r.top1_agreement:.2f}% | {verdict} |")  # fmt: skip
     print("\nWhere the error comes from: relative weight error ||W - deq(W_q)|| / ||W|| per class (mean over layers)"
           " and the relative L2 drift of the hidden states after the first and the last layer.\n")
     print("| recipe | " + " | ".join(WEIGHT_CLASSES) + " | drift, layer 0 | drift, last layer |")
     print("|---|" + "---:|" * (len(WEIGHT_CLASSES) + 2))
-    for name, _, _, _, _, r in results:
+    for name, _, _, _, _, r, _ in results:
         errs = [sum(r.weight_error[c]) / len(r.weight_error[c]) for c in WEIGHT_CLASSES]
         print(f"| {name} | " + " | ".join(f"{e:.4f}" for e in errs)
               + f" | {r.layer_drift[0]:.4f} | {r.layer_drift[-1]:.4f} |")  # fmt: skip
@@ -119,7 +131,7 @@ def main(argv=None) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump([{"recipe": n, "flags": fl, "bits_quantized": qb, "bits_total": ab, **r.to_dict()}
-                       for n, fl, _, qb, ab, r in results], f, indent=2)  # fmt: skip
+                       for n, fl, _, qb, ab, r, _ in results], f, indent=2)  # fmt: skip
     return 0
 
 
