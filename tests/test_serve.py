@@ -117,6 +117,14 @@ def test_models_and_health(server):
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
+def test_an_existing_tool_points_at_it_by_environment(server, monkeypatch):
+    """What README tells users of other tools: OPENAI_BASE_URL / OPENAI_API_KEY and nothing else."""
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "anything")
+    r = openai.OpenAI().chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=4)
+    assert r.model == NAME and r.usage.completion_tokens >= 1
+
+
 def test_chat_greedy_equals_generate(server, oracle):
     r = server.client().chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=40)
     ids = oracle.tokenizer.apply_chat_template(CHAT)
