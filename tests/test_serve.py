@@ -113,7 +113,7 @@ def finish_of(oracle, new, n):
 def test_models_and_health(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [NAME] and models.data[0].object == "model"
-    r = httpx.get(server.url + "/health")
+    r = httpx.get(server.url + "/health", timeout=60)
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
@@ -278,9 +278,11 @@ BAD = [  # (why, body or raw bytes, status, error param or message fragment)
 
 @pytest.mark.parametrize("why,body,status,expect", BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_json_errors(server, oracle, why, body, status, expect):
+    server.wait_idle()
     steps = server.engine.steps
     content = body if isinstance(body, bytes) else json.dumps({"model": NAME, **body}).encode()
-    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"Content-Type": "application/json"},
+                   timeout=60)  # fmt: skip
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and isinstance(err["message"], str)
@@ -298,7 +300,7 @@ def test_bad_completion_requests(server):
     assert e.value.status_code == 400 and "max_tokens" in e.value.message
     for body, fragment in [({"prompt": 5}, "prompt"), ({"prompt": "x", "logprobs": 2}, "not supported"),
                            ({"prompt": "x " * 600}, "maximum context length")]:  # fmt: skip
-        r = httpx.post(server.url + "/v1/completions", json={"model": NAME, **body})
+        r = httpx.post(server.url + "/v1/completions", json={"model": NAME, **body}, timeout=60)
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
 
 
@@ -306,7 +308,7 @@ def test_body_size_limit(model):
     s = Server(model, max_body=4096, context=512)
     try:
         big = {"model": NAME, "messages": [{"role": "user", "content": "x" * 5000}]}
-        r = httpx.post(s.url + "/v1/chat/completions", json=big)
+        r = httpx.post(s.url + "/v1/chat/completions", json=big, timeout=60)
         assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
 
         def chunked():  # no Content-Length: counted while it arrives
@@ -314,7 +316,8 @@ def test_body_size_limit(model):
             for i in range(0, len(data), 1000):
                 yield data[i : i + 1000]
 
-        r = httpx.post(s.url + "/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"})
+        r = httpx.post(s.url + "/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"},
+                       timeout=60)  # fmt: skip
         assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
         assert s.engine.steps == 0
         ok = s.client().chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=3)
@@ -328,14 +331,14 @@ def test_api_key(model):
     try:
         for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}]:
             for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]:
-                r = httpx.request(method, s.url + path, headers=headers, json={"model": NAME, "prompt": "x"})
+                r = httpx.request(method, s.url + path, headers=headers, json={"model": NAME, "prompt": "x"}, timeout=60)
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, path)
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
         assert s.client("s3cret").models.list().data[0].id == NAME
         r = s.client("s3cret").chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=3)
         assert r.usage.completion_tokens >= 1
-        assert httpx.get(s.url + "/health").status_code == 200  # open, for load balancers (as vLLM)
+        assert httpx.get(s.url + "/health", timeout=60).status_code == 200  # open, for load balancers (as vLLM)
     finally:
         s.stop()
 
@@ -423,7 +426,7 @@ def test_full_queue_answers_503(model):
         while s.engine.queue.qsize() < 1:
             assert time.time() < deadline
             time.sleep(0.01)
-        r = httpx.post(s.url + "/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2})
+        r = httpx.post(s.url + "/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2}, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
         cm1.__exit__(None, None, None)
         c1.close()
@@ -461,7 +464,7 @@ def test_mixq_serve_command_json_logs(oracle):
         deadline = time.time() + 120
         while True:
             try:
-                if httpx.get(url + "/health").status_code == 200:
+                if httpx.get(url + "/health", timeout=60).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
