@@ -11,12 +11,13 @@ import logging
 import torch
 from torch import nn
 
+from . import memory
 from .checkpoint import QUANTIZED, CheckpointError, CheckpointReader, resolve_source
 from .devices import parse_max_memory, resolve_device, tracked_bytes  # noqa: F401  (tracked_bytes: loader API)
 from .formats import QUANT_STATE_KEY, dequantize_tensor
 from .linear import QuantLinear, make_linear, resolve_backend
 from .model import Block, Transformer, rope_inv_freq
-from .offload import make_expert_store, place_experts, wire_prefetch
+from .offload import make_expert_store, wire_prefetch
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,11 @@ def _check_shape(reader, name: str, got: tuple, want: tuple) -> None:
 
 
 def load_block(reader: CheckpointReader, layer_idx: int, *, device: torch.device, dtype: torch.dtype,
-               backend: str, max_memory: int | None = None) -> Block:  # fmt: skip
+               backend: str, slots: int | None = None) -> Block:  # fmt: skip
     """Decoder layer `layer_idx` alone, built on meta and filled from `model.layers.{i}.*` on `device`.
 
     Call it as `block(h [B, S, D], ctx)` with `ctx = make_context(...)` (model.py): the evaluator streams layers.
+    slots: device slots for the layer's experts (memory.place), None: all resident.
     """
     config = reader.config
     reader.check()  # every tensor's shape and dtype against config.json, once per reader
@@ -106,7 +108,7 @@ def load_block(reader: CheckpointReader, layer_idx: int, *, device: torch.device
         block.block_sparse_moe.gate.weight = _router(reader, p + "block_sparse_moe.gate", device, dtype)
         block.block_sparse_moe.experts = make_expert_store(reader, config, layer_idx, device=device,
                                                            compute_dtype=dtype, backend=backend,
-                                                           max_memory=max_memory)  # fmt: skip
+                                                           slots=slots)  # fmt: skip
     except KeyError as e:  # a tensor of a quantized weight is missing
         raise CheckpointError(f"{reader.path}: {e.args[0]}; re-quantize the checkpoint (mixq quantize)") from None
     return block
@@ -143,17 +145,31 @@ def load_shell(reader: CheckpointReader, *, device: torch.device, dtype: torch.d
     return model
 
 
+def placement_for(reader: CheckpointReader, device: torch.device, dtype: torch.dtype, budget: int, *,
+                  context: int | None = None, batch: int = 1, check: bool = True) -> memory.Placement:  # fmt: skip
+    """Where load_quantized(max_memory=budget) puts the experts: memory.place over the checkpoint's headers
+    (nothing is read or allocated). Raises ValueError naming the minimum when the budget is too small."""
+    return memory.place(memory.footprint_from_checkpoint(reader, dtype), reader.config, budget, context=context,
+                        batch=batch, dtype=dtype, device_type=torch.device(device).type, check=check)  # fmt: skip
+
+
 def load_quantized(path_or_repo_id: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-                   backend: str = "auto", max_memory: int | str | None = None,
-                   tokenizer: bool = True) -> Transformer:  # fmt: skip
+                   backend: str = "auto", max_memory: int | str | None = None, tokenizer: bool = True,
+                   context: int | None = None, batch: int = 1) -> Transformer:  # fmt: skip
     """Load a mixtral-quant checkpoint (or a plain bf16/fp16 Mixtral checkpoint) for inference.
 
     path_or_repo_id: a directory, a Hugging Face repo id, or builtin:tiny-mixtral. device: auto (CUDA if present),
     cpu, cuda[:N]. dtype: the compute dtype (default: the checkpoint's source dtype on CUDA, float32 on CPU).
     backend: auto (triton on CUDA, torch elsewhere), torch, triton or bnb. max_memory: the compute device's
-    budget (int bytes or '16GiB'), used by expert offloading.
+    budget (int bytes or '16GiB'), used by expert offloading: the KV cache and workspace are reserved for `context`
+    tokens (default min(max_position_embeddings, 4096)) x `batch` sequences, the experts that fit stay on the
+    device (memory.place; `mixq plan --gpu-memory` reports the same placement).
     """
     budget = parse_max_memory(max_memory)
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ValueError(f"context must be a positive number of tokens, got {context!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive number of sequences, got {batch!r}")
     dev = resolve_device(device)
     backend = resolve_backend(backend, dev)
     path = resolve_source(path_or_repo_id)
@@ -164,12 +180,13 @@ def load_quantized(path_or_repo_id: str, device: str | torch.device = "auto", dt
             raise ValueError(f"{path}: backend 'bnb' cannot run int4 (compressed-tensors) weights; "
                              "use backend 'auto', 'torch' or 'triton'")
         dt = resolve_dtype(dtype, dev, reader)
-        # expert offloading (offload.py): the budget is checked before anything is allocated
-        placement = place_experts(reader, dev, dt, budget) if budget is not None else None
+        # expert offloading: the budget is checked against the headers before anything is allocated
+        placement = None if budget is None else placement_for(reader, dev, dt, budget, context=context, batch=batch)
         model = load_shell(reader, device=dev, dtype=dt)
         n = reader.config.num_hidden_layers
+        slots = placement.slots if placement is not None else [None] * n
         model.layers = nn.ModuleList(
-            load_block(reader, i, device=dev, dtype=dt, backend=backend, max_memory=budget) for i in range(n)
+            load_block(reader, i, device=dev, dtype=dt, backend=backend, slots=slots[i]) for i in range(n)
         )
         if placement is not None:
             wire_prefetch(model)
@@ -179,11 +196,10 @@ def load_quantized(path_or_repo_id: str, device: str | torch.device = "auto", dt
             log.warning("%s: %d tensors of layers beyond num_hidden_layers=%d ignored", path, len(extra), n)
     model.eval().requires_grad_(False)
     model.backend, model.path, model.max_memory = backend, path, budget
-    model.expert_placement = placement  # offload.Placement, or None without a budget
+    model.expert_placement = placement  # memory.Placement, or None without a budget
     if tokenizer:
         from .tokenizer import Tokenizer
 
         model.tokenizer = Tokenizer.from_checkpoint(path)
     log.info("loaded %s on %s (%s, backend %s)", path, dev, str(dt).removeprefix("torch."), backend)
     return model
-
