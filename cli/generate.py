@@ -9,8 +9,19 @@ import click
 from .options import BACKENDS
 
 
+def _reserve(ctx, param, value):
+    ctx.meta[f"mixq_{param.name}"] = value  # read by load(): the commands' signatures need not list these
+    return value
+
+
 def model_options(f):
-    """--device/--dtype/--backend/--max-memory, shared with `mixq chat`."""
+    """--device/--dtype/--backend/--max-memory (and --context/--batch, what it reserves), shared with `mixq chat`."""
+    f = click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, expose_value=False,
+                     callback=_reserve,
+                     help="With --max-memory: sequences the KV cache and workspace are reserved for.")(f)  # fmt: skip
+    f = click.option("--context", type=click.IntRange(min=1), default=None, expose_value=False, callback=_reserve,
+                     help="With --max-memory: tokens the KV cache and workspace are reserved for "
+                          "[default: min(max_position_embeddings, 4096)].")(f)  # fmt: skip
     f = click.option("--max-memory", default=None, metavar="SIZE",
                      help="Compute-device budget (16GiB, 24GB, bytes); experts beyond it are offloaded.")(f)  # fmt: skip
     f = click.option("--backend", type=click.Choice(BACKENDS), default="auto",
@@ -42,9 +53,11 @@ def load(path, device, dtype, backend, max_memory):
     from .. import load_quantized
 
     mm = int(max_memory) if max_memory is not None and max_memory.isdigit() else max_memory
+    meta = click.get_current_context().meta
     t0 = time.perf_counter()
     model = load_quantized(path, device=device, dtype=None if dtype == "auto" else dtype, backend=backend,
-                           max_memory=mm)  # fmt: skip
+                           max_memory=mm, context=meta.get("mixq_context"),
+                           batch=meta.get("mixq_batch", 1))  # fmt: skip
     return model, time.perf_counter() - t0
 
 

@@ -18,7 +18,8 @@ FMT = click.Choice(FORMATS)
 @click.option("--blocksize", type=int, help="NF4 block size [default: the checkpoint's, else 64].")
 @click.option("--no-double-quant", is_flag=True, help="NF4 absmax in fp32 [default: as the checkpoint].")
 @click.option("--group-size", type=int, default=None, help="int4 inputs per scale [default: the checkpoint's, else 128].")
-@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per sequence.")
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="Tokens per sequence [default: min(max_position_embeddings, 4096)].")  # fmt: skip
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences at once.")
 @click.option("--gpu-memory", help="GPU budget (40GB, 24GiB, ...): says whether it fits, else what to offload.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -64,8 +65,10 @@ def plan(src, fmt, experts, attention, blocksize, no_double_quant, group_size, c
         click.echo(f"fits in {fmt_bytes(p.gpu_memory)}")
     elif not o["possible"]:
         click.echo(f"does not fit in {fmt_bytes(p.gpu_memory)}, even with every expert offloaded "
-                   f"(needs {fmt_bytes(o['resident_bytes'] + o['staging_bytes'])} on the device)")
+                   f"(needs {fmt_bytes(o['minimum_bytes'])} on the device)")
     else:
         click.echo(f"does not fit in {fmt_bytes(p.gpu_memory)}: offload {o['experts_per_layer_on_host']} of "
                    f"{o['experts_per_layer_on_host'] + o['experts_per_layer_on_device']} experts per layer "
-                   f"({fmt_bytes(o['host_bytes'])} of host memory)")
+                   f"({fmt_bytes(o['host_bytes'])} of host memory; "
+                   f"{min(o['slots_per_layer'])}-{max(o['slots_per_layer'])} device slots per layer, as "
+                   "load_quantized(max_memory=...) places them)")

@@ -22,13 +22,14 @@ The runtime (CachedExperts) is lru at batch-1 decode and lru+prefetch for forwar
 
 Projection (batch-1 decode, per token; every assumption is a flag):
   compute   = bytes read per token / GPU memory bandwidth: all non-expert weights (attention NF4, lm_head bf16,
-              routers, norms) + top-k experts per layer (plan.expert_bytes, NF4 with double quant) + the KV cache at
+              routers, norms) + top-k experts per layer (memory.footprint, NF4 with double quant) + the KV cache at
               --kv-tokens; spread evenly over the layers (lm_head counted once);
   a copy    = expert bytes / host-to-device bandwidth; copies are serial on one copy stream;
   no prefetch:   token = compute + demand misses x copy (a miss stalls its layer);
   lru+prefetch:  per layer: demand misses x copy + max(layer compute, prefetch copies for the next layer x copy)
               (copies for layer l+1 overlap layer l's compute); averaged over the trace's (token, layer) pairs;
-  slots k   = (device memory - resident part - KV cache - workspace, as plan.resident_bytes) // (L x expert);
+  slots k   = per layer, as load_quantized(max_memory=...) places them (mixtral_quant.memory.place: the resident
+              part, KV cache and workspace first, then top-k slots per layer at least, the rest spread evenly);
   per-layer hit statistics of the traced model stand in for Mixtral's 32 layers.
 Caveat: the tiny model's routing (fewer layers, trained briefly on Python sources) stands in for Mixtral's.
 """
@@ -105,7 +106,11 @@ def read_trace(path: str) -> list[dict]:
 
 # ---- replay --------------------------------------------------------------------------------------------------
 def replay(trace: list[dict], policy: str, k: int, num_experts: int) -> dict:
-    """Decode-order replay at k slots per layer. Per (token, layer): demand misses and prefetch copies."""
+    """Decode-order replay at k slots per layer. Per (token, layer): demand misses and prefetch copies.
+    lru and lru+prefetch drive the runtime's own policy (mixtral_quant.offload.SlotCache, what CachedExperts
+    runs); static and lfu are written here."""
+    from mixtral_quant.offload import SlotCache
+
     min_w = float(policy.split(">")[1]) if ">" in policy else 0.0  # lru+prefetch>0.6: confident guesses only
     by_layer: dict[int, list[dict]] = {}
     for r in trace:
@@ -116,49 +121,45 @@ def replay(trace: list[dict], policy: str, k: int, num_experts: int) -> dict:
         rows = sorted(rows, key=lambda r: r["token"])
         freq_all = Counter(e for r in rows for e in r["experts"])
         pinned = {e for e, _ in freq_all.most_common(k)}
-        lru: OrderedDict[int, None] = OrderedDict()
+        cache = SlotCache(k)
+        lru: OrderedDict[int, None] = OrderedDict()  # lfu's slots
         freq: Counter = Counter()
-        pre: set[int] = set()
         for r in rows:
             need = list(dict.fromkeys(r["experts"]))
             npref = 0
             if policy.startswith("lru+prefetch") and r["guess"] is not None:
                 g = [e for e, w in zip(r["guess"], r.get("guess_weights") or [1.0] * len(r["guess"])) if w >= min_w]
-                g = list(dict.fromkeys(g))[:k]
-                for e in g:
-                    if e in lru:
-                        continue
-                    while len(lru) >= k:
-                        victim = next(v for v in lru if v not in g)
-                        lru.pop(victim)
-                        pre.discard(victim)
-                    lru[e] = None
-                    pre.add(e)
-                    npref += 1
+                npref = len(cache.prefetch(g))
                 prefetches += npref
             nmiss = 0
             if policy == "static":
                 for e in need:
                     hits += e in pinned
                     nmiss += e not in pinned
-            else:
+            elif policy == "lfu":
                 freq.update(need)
-                for e in [e for e in need if e in lru]:  # those on the device are computed first, as CachedExperts
+                for e in [e for e in need if e in lru]:  # those on the device are computed first
                     hits += 1
                     lru.move_to_end(e)
-                    if e in pre:
-                        prefetch_hits += 1
-                        pre.discard(e)
                 for e in [e for e in need if e not in lru]:
                     nmiss += 1
                     while len(lru) >= k:
                         cands = [v for v in lru if v not in need] or list(lru)
-                        victim = min(cands, key=lambda v: freq[v]) if policy == "lfu" else cands[0]
-                        lru.pop(victim)
-                        pre.discard(victim)
+                        lru.pop(min(cands, key=lambda v: freq[v]))
                     lru[e] = None
+            else:  # lru, lru+prefetch: exactly what CachedExperts asks the policy
+                before = cache.counts.misses
+                if len(need) <= k:
+                    cache.load(need)
+                else:
+                    for _ in cache.stream(need):
+                        pass
+                nmiss = cache.counts.misses - before
             misses += nmiss
             per_step.append((nmiss, npref))
+        if policy not in ("static", "lfu"):
+            hits += cache.counts.hits
+            prefetch_hits += cache.counts.prefetch_hits
     steps = len(per_step)
     return dict(policy=policy, k=k, hit_rate=hits / max(hits + misses, 1), misses_per_layer_token=misses / steps,
                 prefetches_per_layer_token=prefetches / steps, prefetch_hits=prefetch_hits, steps=per_step)  # fmt: skip
@@ -173,22 +174,30 @@ def speculation_recall(trace: list[dict]) -> float:
 
 # ---- projection ----------------------------------------------------------------------------------------------
 def mixtral_numbers(context: int, kv_tokens: int) -> dict:
-    from mixtral_quant import plan
+    """Mixtral-8x7B with NF4 attention and experts by the memory model (mixtral_quant.memory, bf16 on CUDA)."""
+    from mixtral_quant import memory
     from mixtral_quant.config import MixtralConfig
 
     c = MixtralConfig.from_name("Mixtral-8x7B-v0.1")
-    nbytes, _ = plan.class_bytes(c, {"attention": "nf4", "experts": "nf4"})
-    expert = plan.expert_bytes(c, "nf4")
+    fp = memory.footprint(c, {"attention": "nf4", "experts": "nf4"})
+    nbytes = fp.class_bytes
     # read per token: every non-expert weight except the embedding table (one row), the active experts, the KV cache
     weights = sum(v for cls, v in nbytes.items() if cls not in ("experts", "embeddings"))
-    kv = plan.kv_cache_bytes(c, kv_tokens)
-    return dict(config=c, expert_bytes=expert, resident_bytes=plan.resident_bytes(c, attention="nf4", context=context),
-                read_nonexpert=weights + kv, layers=c.num_hidden_layers, experts=c.num_local_experts,
-                top_k=c.num_experts_per_tok, lm_head=nbytes.get("lm_head", 0))  # fmt: skip
+    kv = memory.kv_cache_bytes(c, kv_tokens)
+    fixed = memory.place(fp, c, None, context=context)
+    return dict(config=c, footprint=fp, context=context, expert_bytes=fp.expert_bytes,
+                resident_bytes=fixed.fixed_bytes, read_nonexpert=weights + kv, layers=c.num_hidden_layers,
+                experts=c.num_local_experts, top_k=c.num_experts_per_tok, lm_head=nbytes.get("lm_head", 0))  # fmt: skip
 
 
-def slots_for(mem: int, m: dict) -> int:
-    return max(0, min(m["experts"], (mem - m["resident_bytes"]) // (m["layers"] * m["expert_bytes"])))
+def slots_for(mem: int, m: dict) -> list[int] | None:
+    """Slots per layer as load_quantized(max_memory=mem, context=...) places them; None: below its minimum."""
+    from mixtral_quant import memory
+
+    try:
+        return memory.place(m["footprint"], m["config"], mem, context=m["context"]).slots
+    except ValueError:
+        return None
 
 
 def compute_time(m: dict, gpu_bw: float) -> float:
@@ -196,18 +205,24 @@ def compute_time(m: dict, gpu_bw: float) -> float:
     return (m["read_nonexpert"] + m["layers"] * m["top_k"] * m["expert_bytes"]) / (gpu_bw * 1e9)
 
 
-def project(result: dict, m: dict, h2d: float, gpu_bw: float) -> float:
-    """Tokens/s for Mixtral from a replay's per-(token, layer) misses and prefetches (see the module docstring)."""
-    L, x = m["layers"], m["expert_bytes"] / (h2d * 1e9)
+def project(results: dict, policy: str, slots: list[int], m: dict, h2d: float, gpu_bw: float) -> float:
+    """Tokens/s for Mixtral from the replays' per-(token, layer) misses and prefetches at each layer's slot count
+    (see the module docstring); a layer with a slot for every expert copies nothing."""
+    x = m["expert_bytes"] / (h2d * 1e9)
     compute = compute_time(m, gpu_bw)
     head = m["lm_head"] / (gpu_bw * 1e9)
-    layer_c = (compute - head) / L
-    steps = result["steps"]
-    if result["policy"].startswith("lru+prefetch"):
-        per_layer = sum(nm * x + max(layer_c, npf * x) for nm, npf in steps) / len(steps)
-    else:
-        per_layer = layer_c + sum(nm for nm, _ in steps) / len(steps) * x
-    return 1.0 / (head + L * per_layer)
+    layer_c = (compute - head) / m["layers"]
+    total = head
+    for k in slots:
+        if k >= m["experts"]:
+            total += layer_c
+            continue
+        steps = results[policy, k]["steps"]
+        if policy.startswith("lru+prefetch"):
+            total += sum(nm * x + max(layer_c, npf * x) for nm, npf in steps) / len(steps)
+        else:
+            total += layer_c + sum(nm for nm, _ in steps) / len(steps) * x
+    return 1.0 / total
 
 
 def main(argv=None):
@@ -240,10 +255,12 @@ def main(argv=None):
             if args.scenario else SCENARIOS)  # fmt: skip
     proj = []
     for mem, h2d, bw, what in scen:
-        k = slots_for(parse_size(mem), m)
-        row = dict(scenario=what, device_memory=mem, h2d_GBps=h2d, gpu_GBps=bw, slots_per_layer=k)
-        for p in policies:  # every expert resident: no copies at all
-            row[p] = None if k < 1 else 1.0 / compute_time(m, bw) if k >= E else project(results[p, k], m, h2d, bw)
+        ks = slots_for(parse_size(mem), m)
+        k = None if ks is None else min(ks) if min(ks) == max(ks) else f"{min(ks)}-{max(ks)}"
+        row = dict(scenario=what, device_memory=mem, h2d_GBps=h2d, gpu_GBps=bw, slots_per_layer=k,
+                   layers_with_more=0 if ks is None else sum(s > min(ks) for s in ks))  # fmt: skip
+        for p in policies:
+            row[p] = None if ks is None else project(results, p, ks, m, h2d, bw)
         proj.append(row)
     table = [{kk: v for kk, v in r.items() if kk != "steps"} for r in results.values()]
     recall = speculation_recall(trace)
@@ -264,10 +281,11 @@ def main(argv=None):
         print(f"{k:3d}  " + "  ".join(f"{x['hit_rate']:16.3f}" for x in r)
               + f"   {results['lru+prefetch', k]['prefetches_per_layer_token']:.3f}")  # fmt: skip
     print(f"\nMixtral-8x7B NF4: {m['expert_bytes'] / 1e6:.1f} MB per expert, {m['resident_bytes'] / 2**30:.2f} GiB "
-          f"resident (context {args.context}); projected decode tokens/s")  # fmt: skip
-    print(f"{'scenario':<64} {'k':>2}  " + "  ".join(f"{p:>16}" for p in policies))
+          f"resident with the KV cache and workspace (context {args.context}); projected decode tokens/s; "
+          "k = slots per layer as load_quantized(max_memory=...) places them (a-b: the lowest layers get b)")
+    print(f"{'scenario':<64} {'k':>3}  " + "  ".join(f"{p:>16}" for p in policies))
     for r in proj:
-        print(f"{r['scenario']:<64} {r['slots_per_layer']:>2}  "
+        print(f"{r['scenario']:<64} {str(r['slots_per_layer'] or 'n/a'):>3}  "
               + "  ".join(f"{r[p]:16.1f}" if r[p] is not None else f"{'n/a':>16}" for p in policies))  # fmt: skip
     return out
 

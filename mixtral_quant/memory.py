@@ -275,7 +275,8 @@ def place(fp: Footprint, config: MixtralConfig, budget: int | None, *, context: 
             f"max_memory={size_str(budget)} is below the {size_str(need)} ({need:,} bytes) that must stay on "
             f"{device_type} (embeddings, lm_head, attention, norms, routers: {size_str(fp.resident_bytes)}; KV cache "
             f"at {context} tokens x {batch}: {size_str(kv)}; workspace: {size_str(work)}; {what} per layer and their "
-            f"tables: {size_str(L * (A * fp.slot_bytes + p.table_bytes))}); use at least max_memory={math.ceil(need / 2**20)}MiB"
+            f"tables: {size_str(L * (A * fp.slot_bytes + p.table_bytes))}); "
+            f"use at least max_memory={math.ceil(need / 2**20)}MiB"
         )  # fmt: skip
     p.slots = [min(E, n // L + (i < n % L)) for i in range(L)]
     return p

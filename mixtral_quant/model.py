@@ -155,7 +155,8 @@ class Transformer(nn.Module):
 
     def offload_stats(self) -> dict:
         """Per-store statistics summed over layers (all zero when every expert is resident)."""
-        total: dict = {"hits": 0, "misses": 0, "prefetches": 0, "prefetch_hits": 0, "bytes_copied": 0, "pinned_bytes": 0}
+        total: dict = {"hits": 0, "misses": 0, "prefetches": 0, "prefetch_hits": 0, "bytes_copied": 0,
+                       "pinned_bytes": 0}  # fmt: skip
         for layer in self.layers:
             for k, v in layer.block_sparse_moe.experts.stats().items():
                 total[k] = total.get(k, 0) + v

@@ -216,14 +216,14 @@ class ResidentExperts(ExpertStore):
         return self._fused
 
     def refresh_offsets(self) -> None:
-        """After rows were rewritten (an offloaded layer's slots): the kernel stack's nested offsets read again from
-        the rows (a device copy, no sync), unless the stack already views them."""
+        """After rows were rewritten (an offloaded layer's slots): the kernel stack's nested offsets taken again
+        from the rows (a small device copy, no sync), unless the stack already views them."""
         if self._fused is None or self.dense or self.w13.fmt != "nf4":
             return
         f = self._fused
         for st, src in ((f.w1, self.w13.offset[:, 0]), (f.w3, self.w13.offset[:, 1]), (f.w2, self.w2.offset[:, 0])):
             if st.offsets.data_ptr() != src.data_ptr() or st.offsets.stride() != src.stride():
-                st.offsets.copy_(src)
+                st.offsets = src.contiguous()
 
 
 def expert_module(reader, prefix: str) -> dict[str, Tensor]:
