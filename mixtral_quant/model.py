@@ -6,6 +6,7 @@ Same arithmetic as transformers' MixtralForCausalLM (modeling_mixtral.py); the e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,6 +115,12 @@ class Transformer(nn.Module):
         """Allocate (or reuse, when the size is unchanged) the KV cache of every layer."""
         if (max_batch_size, max_seq_length) == (self.max_batch_size, self.max_seq_length):
             return
+        p = getattr(self, "expert_placement", None)  # the loader's memory.Placement under a max_memory budget
+        if p is not None and max_batch_size * max_seq_length > p.batch * p.context:
+            logging.getLogger(__name__).warning(
+                "KV cache for %d x %d tokens exceeds the %d x %d reserved under max_memory: the device may go over "
+                "the budget; load with a larger context= / batch= (mixq --context/--batch)",
+                max_batch_size, max_seq_length, p.batch, p.context)  # fmt: skip
         c = self.config
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(max_batch_size, c.num_key_value_heads, max_seq_length, c.head_dim,

@@ -379,7 +379,9 @@ def test_offloaded_tokens_equal_resident(nf4, backend, dtype, one_thread):
             set_prefetch(model, 1)
         for seed in (20, 21):
             ids, mask = prompts(seed)
-            steps = 6 if backend == "torch" else 3
+            steps = 6
+            if backend == "triton":  # the interpreter is slow: one prompt of each batch, fewer steps
+                ids, mask, steps = ids[1:, 3:], mask[1:, 3:], 3
             want = ref.generate(ids, steps, attention_mask=mask, eos=[])
             got = model.generate(ids, steps, attention_mask=mask, eos=[])
             assert torch.equal(got, want), f"{dtype} {backend} {n} slots, seed {seed}: tokens differ"
@@ -387,3 +389,16 @@ def test_offloaded_tokens_equal_resident(nf4, backend, dtype, one_thread):
                 with torch.no_grad():  # the logits of the whole generated sequence, every position
                     assert torch.equal(model(got), ref(got)), f"{dtype} {backend} {n} slots, seed {seed}: logits"
         assert model.offload_stats()["misses"] > 0
+
+
+def test_a_run_beyond_the_reservation_warns(nf4, caplog):
+    """load_quantized(max_memory, context=16) reserves a 16-token KV cache: a longer run says it may exceed."""
+    p0 = placement(nf4)
+    model = load_quantized(nf4, device="cpu", tokenizer=False, max_memory=budget(p0, 2 * L), context=16)
+    assert model.expert_placement.context == 16 and model.expert_placement.kv_cache_bytes == p0.kv_cache_bytes // 4
+    prompt = torch.randint(3, CFG["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(30))
+    with caplog.at_level("WARNING", logger="mixtral_quant.model"):
+        model.generate(prompt, 8, eos=[])  # 16 tokens: within
+        assert not caplog.records
+        model.generate(prompt, 9, eos=[])
+    assert "KV cache for 1 x 17 tokens exceeds the 1 x 16 reserved under max_memory" in caplog.text

@@ -142,8 +142,14 @@ class ResidentExperts(ExpertStore):
 
     @property
     def fused(self) -> bool:
-        """The triton backend's fused MoE computes every forward."""
-        return not self.dense and self.w13.backend == "triton"
+        """The triton backend's fused MoE computes every forward (when the kernels provide one)."""
+        if self.dense or self.w13.backend != "triton":
+            return False
+        try:
+            from ..kernels import fused_moe, stack_experts  # noqa: F401
+        except ImportError:
+            return False
+        return True
 
     def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
         T, A = topk_ids.shape
