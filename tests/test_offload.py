@@ -402,3 +402,41 @@ def test_a_run_beyond_the_reservation_warns(nf4, caplog):
         assert not caplog.records
         model.generate(prompt, 9, eos=[])
     assert "KV cache for 1 x 17 tokens exceeds the 1 x 16 reserved under max_memory" in caplog.text
+
+
+def test_page_locked_host_rows_are_registered_exactly(nf4, monkeypatch):
+    """On CUDA the host tier is one plain block per layer registered with cudaHostRegister (a fake cudart here: no
+    GPU): exactly E x slot bytes, no power-of-two rounding, counted as pinned, unregistered when freed. And the
+    mapped tier (copies from the memory-mapped file) is refused on CUDA before anything is allocated."""
+    from mixtral_quant.offload.host import ExpertLayout, host_buffer
+
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    with CheckpointReader(nf4) as r:
+        res = ResidentExperts.from_checkpoint(r, "model.layers.0.block_sparse_moe.experts", r.config, device="cpu",
+                                              compute_dtype=torch.float32, backend="torch")  # fmt: skip
+        layout = ExpertLayout.of(res)
+        buf, pinned = host_buffer(E, layout, torch.device("cuda"))
+        assert pinned == E * layout.nbytes == buf.numel() and calls == [("register", buf.data_ptr(), pinned)]
+        assert layout.nbytes == placement(nf4).slot_bytes  # the memory model's slot is the layout's
+        ptr = buf.data_ptr()
+        del buf
+        gc.collect()
+        assert calls[-1] == ("unregister", ptr)
+        assert host_buffer(E, layout, torch.device("cpu"))[1] == 0 and len(calls) == 2
+        before = _live_tensors()
+        with pytest.raises(ValueError, match=r"^host='mapped' copies from the memory-mapped checkpoint and runs on "
+                                             r"the CPU only; use host='buffer' \(pinned host memory\) on CUDA$"):
+            CachedExperts.from_checkpoint(r, "model.layers.0.block_sparse_moe.experts", r.config, 2, device="cuda",
+                                          compute_dtype=torch.float32, backend="torch", host="mapped")  # fmt: skip
+        assert _live_tensors() == before
