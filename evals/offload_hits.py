@@ -30,7 +30,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from mixtral_quant import load_quantized, quantize
+    from mixtral_quant import load_quantized
+    from mixtral_quant.quantize import quantize
     from mixtral_quant.offload import offload_model
 
     torch.set_num_threads(1)

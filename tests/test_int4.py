@@ -265,21 +265,21 @@ def test_library_checkpoint_runs_offloaded_and_through_the_cli(tmp_path):
     assert r.exit_code == 0, r.output
     plan = json.loads(r.output)
     assert plan["formats"] == {"attention": "int4", "experts": "int4"}
-    # the plan counts what a loaded model holds: the stored bytes with fp32 instead of bf16 scales (+ a 4-byte
-    # nested-offset buffer per weight that QuantLinear keeps for nf4)
+    # the plan counts what a loaded model holds (memory.py): the stored bytes with fp32 instead of bf16 scales,
+    # a 16-entry code table and the 4-byte nested-offset buffer QuantLinear keeps for nf4, less the weight_shape
     for c in ("attention", "experts"):
         n = info["classes"][c]["count"]
-        assert 0 <= held[c] - plan["class_bytes"][c] <= 4 * n, (c, held[c], plan["class_bytes"][c])
+        assert held[c] == plan["class_bytes"][c], (c, held[c], plan["class_bytes"][c])
         scales = info["classes"][c]["params"] // 32
-        assert plan["class_bytes"][c] - info["classes"][c]["bytes"] == 2 * scales + (64 - 16) * n
+        assert plan["class_bytes"][c] - info["classes"][c]["bytes"] == 2 * scales + (64 + 4 - 16) * n
 
 
 def _budget_for_some_slots(path: str) -> int:
-    from mixtral_quant.offload import place_experts
+    from mixtral_quant.loader import placement_for
 
     with CheckpointReader(path) as r:
-        full = place_experts(r, torch.device("cpu"), torch.float32, 2**40)
-        return full.resident_bytes + full.kv_cache_bytes + full.workspace_bytes + 12 * full.slot_bytes
+        full = placement_for(r, torch.device("cpu"), torch.float32, 2**40)
+        return full.fixed_bytes + len(full.slots) * full.table_bytes + 12 * full.slot_bytes
 
 
 # ---- our checkpoint: every command and the model ----------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_plan_int4_bytes():
     c = MixtralConfig.from_name("Mixtral-8x7B-v0.1")
     p = plan_memory(c, fmt="int4", group_size=128)
     D, F = c.hidden_size, c.intermediate_size
-    one = F * D // 2 + 4 * (F * D // 128) + 64  # packed nibbles + fp32 scales + the code table, once loaded
+    one = F * D // 2 + 4 * (F * D // 128) + 64 + 4  # packed nibbles + fp32 scales + code table + offset, loaded
     assert p.class_bytes["experts"] == 3 * one * c.num_local_experts * c.num_hidden_layers
     stored = F * D // 2 + 2 * (F * D // 128) + 16  # on disk: bf16 scales + weight_shape
     assert formats.packed_nbytes("int4", (F, D), group_size=128) == stored

@@ -109,8 +109,8 @@ def test_offloaded_greedy_tokens_equal_resident(ckpt, resident):
     want = resident.generate(ids, 12, eos=[])
     p0 = load_quantized(ckpt[1], device="cpu", tokenizer=False, max_memory=2**40).expert_placement  # all resident
     L, E = X22B["num_hidden_layers"], X22B["num_local_experts"]
-    for per_layer in (1, 2, 5):
-        budget = p0.fixed_bytes + per_layer * L * p0.slot_bytes
+    for per_layer in (2, 3, 5):  # the minimum is top-k (2) slots per layer; each offloaded layer has a slot table
+        budget = p0.fixed_bytes + L * p0.table_bytes + per_layer * L * p0.slot_bytes
         model = load_quantized(ckpt[1], device="cpu", max_memory=budget)
         assert model.expert_placement.slots == [per_layer] * L
         assert torch.equal(model.generate(ids, 12, eos=[]), want), per_layer
