@@ -14,14 +14,13 @@ def _reserve(ctx, param, value):
     return value
 
 
-def model_options(f):
-    """--device/--dtype/--backend/--max-memory (and --context/--batch, what it reserves), shared with `mixq chat`."""
-    f = click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, expose_value=False,
-                     callback=_reserve,
-                     help="With --max-memory: sequences the KV cache and workspace are reserved for.")(f)  # fmt: skip
-    f = click.option("--context", type=click.IntRange(min=1), default=None, expose_value=False, callback=_reserve,
-                     help="With --max-memory: tokens the KV cache and workspace are reserved for "
-                          "[default: min(max_position_embeddings, 4096)].")(f)  # fmt: skip
+def model_options(f=None, *, reserve: bool = True):
+    """--device/--dtype/--backend/--max-memory (and --context/--batch, what it reserves), shared with `mixq chat`
+    and `mixq serve` (which has its own --context and --max-batch: reserve=False)."""
+    if f is None:
+        return lambda g: model_options(g, reserve=reserve)
+    if reserve:
+        f = _reserve_options(f)
     f = click.option("--max-memory", default=None, metavar="SIZE",
                      help="Compute-device budget (16GiB, 24GB, bytes); experts beyond it are offloaded.")(f)  # fmt: skip
     f = click.option("--backend", type=click.Choice(BACKENDS), default="auto",
@@ -29,6 +28,16 @@ def model_options(f):
     f = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True, help="Compute dtype (auto: checkpoint dtype on CUDA, float32 on CPU).")(f)  # fmt: skip
     f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
+    return f
+
+
+def _reserve_options(f):
+    f = click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, expose_value=False,
+                     callback=_reserve,
+                     help="With --max-memory: sequences the KV cache and workspace are reserved for.")(f)  # fmt: skip
+    f = click.option("--context", type=click.IntRange(min=1), default=None, expose_value=False, callback=_reserve,
+                     help="With --max-memory: tokens the KV cache and workspace are reserved for "
+                          "[default: min(max_position_embeddings, 4096)].")(f)  # fmt: skip
     return f
 
 
@@ -49,15 +58,18 @@ def compile_option(f):
                              "(tens of seconds on a CPU); decodes eagerly, with a warning, if compiling fails.")(f)  # fmt: skip
 
 
-def load(path, device, dtype, backend, max_memory):
+def load(path, device, dtype, backend, max_memory, context=None, batch=None):
+    """load_quantized with the CLI's options; context/batch (what --max-memory reserves): given, else --context /
+    --batch."""
     from .. import load_quantized
 
     mm = int(max_memory) if max_memory is not None and max_memory.isdigit() else max_memory
     meta = click.get_current_context().meta
+    context = context if context is not None else meta.get("mixq_context")
+    batch = batch if batch is not None else meta.get("mixq_batch", 1)
     t0 = time.perf_counter()
     model = load_quantized(path, device=device, dtype=None if dtype == "auto" else dtype, backend=backend,
-                           max_memory=mm, context=meta.get("mixq_context"),
-                           batch=meta.get("mixq_batch", 1))  # fmt: skip
+                           max_memory=mm, context=context, batch=batch)  # fmt: skip
     return model, time.perf_counter() - t0
 
 

@@ -49,7 +49,7 @@ def is_loopback(host: str) -> bool:
 @click.option("--max-body", type=click.IntRange(min=1024), default=2 << 20, show_default=True,
               help="Largest request body, in bytes (larger: 413).")  # fmt: skip
 @click.option("--json-logs", is_flag=True, help="Log one JSON object a line (request lines with their fields).")
-@model_options
+@model_options(reserve=False)
 def serve(path, host, port, api_key, model_name, max_batch, max_queue, context, max_body, json_logs, device, dtype,
           backend, max_memory):  # fmt: skip
     """Serve the model at PATH with the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.
@@ -80,12 +80,8 @@ def serve(path, host, port, api_key, model_name, max_batch, max_queue, context, 
         logging.getLogger("mixtral_quant.serve").warning(
             "serving on %s without an API key: anyone who can reach this port can use the model "
             "(set --api-key or MIXQ_API_KEY)", host)  # fmt: skip
-    if max_memory is not None and max_batch > 1:
-        logging.getLogger("mixtral_quant.serve").warning(
-            "--max-memory places experts for a KV cache of one sequence; the server's cache holds up to --max-batch "
-            "%d x --context %d tokens: leave room for it (a lower budget, --max-batch or --context)", max_batch,
-            context)  # fmt: skip
-    model, load_s = load(path, device, dtype, backend, max_memory)
+    # --max-memory reserves the KV cache and workspace of --max-batch x --context tokens, then places the experts
+    model, load_s = load(path, device, dtype, backend, max_memory, context=context, batch=max_batch)
     name = model_name or path  # as vLLM: the model argument, unless --model-name
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, context=context)
     logging.getLogger("mixtral_quant.serve").info(
