@@ -22,8 +22,11 @@ FMT = click.Choice(FORMATS)
               help="Tokens per sequence [default: min(max_position_embeddings, 4096)].")  # fmt: skip
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences at once.")
 @click.option("--gpu-memory", help="GPU budget (40GB, 24GiB, ...): says whether it fits, else what to offload.")
+@click.option("--for", "workload", type=click.Choice(["generate", "eval"]), default="generate", show_default=True,
+              help="generate: logits of the last position (chat, generate, serve); eval: of every position (mixq eval).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan(src, fmt, experts, attention, blocksize, no_double_quant, group_size, context, batch, gpu_memory, as_json):
+def plan(src, fmt, experts, attention, blocksize, no_double_quant, group_size, context, batch, gpu_memory, workload,
+         as_json):  # fmt: skip
     """GPU memory needed to run SRC quantized: weights per class, KV cache, workspace.
 
     SRC is a known name (Mixtral-8x7B-v0.1, Mixtral-8x22B-v0.1; the default), a checkpoint directory, a
@@ -35,6 +38,7 @@ def plan(src, fmt, experts, attention, blocksize, no_double_quant, group_size, c
       mixq plan Mixtral-8x7B-v0.1                          # NF4 at 4096 tokens: ~24.5 GB weights
       mixq plan mistralai/Mixtral-8x7B-v0.1 --gpu-memory 24GB --json
       mixq plan ./mixtral-nf4 --experts int8 --context 32768
+      mixq plan Mixtral-8x7B-v0.1 --for eval --context 2048     # mixq eval keeps every position's logits
     """
     from ..checkpoint import quantized_recipe, resolve_config
     from ..plan import plan_memory
@@ -46,12 +50,12 @@ def plan(src, fmt, experts, attention, blocksize, no_double_quant, group_size, c
                     blocksize=blocksize or packed.get("blocksize", 64),
                     double_quant=not no_double_quant and packed.get("double_quant", True),
                     group_size=group_size or packed.get("group_size") or 128, context=context, batch=batch,
-                    gpu_memory=gpu_memory)  # fmt: skip
+                    gpu_memory=gpu_memory, workload=workload)  # fmt: skip
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
         return
     click.echo(f"{src}: attention {p.formats['attention']}, experts {p.formats['experts']}, "
-               f"context {p.context} x batch {p.batch}")
+               f"context {p.context} x batch {p.batch}" + (" (for mixq eval)" if workload == "eval" else ""))
     for c, b in p.class_bytes.items():
         click.echo(f"  {c:<11} {fmt_bytes(b):>10}")
     click.echo(f"  {'weights':<11} {fmt_bytes(p.weights_bytes):>10}")

@@ -298,3 +298,19 @@ def test_workspace_counts_what_the_run_needs():
     assert plan_memory(M8x7).context == 4096
     small = MixtralConfig.from_dict({"model_type": "mixtral", **TINY})
     assert memory.default_context(small) == TINY["max_position_embeddings"] == plan_memory(small).context
+
+
+def test_mixq_plan_for_eval_reserves_every_positions_logits():
+    from click.testing import CliRunner
+
+    from mixtral_quant.cli.main import cli
+
+    runs = {w: CliRunner().invoke(cli, ["plan", "Mixtral-8x7B-v0.1", "--context", "2048", "--for", w, "--json"])
+            for w in ("generate", "eval")}  # fmt: skip
+    assert all(r.exit_code == 0 for r in runs.values()), [r.output for r in runs.values()]
+    gen, ev = (json.loads(runs[w].output)["workspace_bytes"] for w in ("generate", "eval"))
+    assert gen == memory.workspace_bytes(M8x7, 2048, 1) and ev - gen == (2048 - 1) * M8x7.vocab_size * 4
+    text = CliRunner().invoke(cli, ["plan", "Mixtral-8x7B-v0.1", "--for", "eval"]).output
+    assert text.splitlines()[0].endswith("context 4096 x batch 1 (for mixq eval)")
+    bad = CliRunner().invoke(cli, ["plan", "Mixtral-8x7B-v0.1", "--for", "train"])
+    assert bad.exit_code == 2 and "'train' is not one of 'generate', 'eval'" in bad.output
