@@ -164,7 +164,7 @@ def test_cli_starts_without_torch():
         "    except SystemExit as e:\n"
         "        codes.append(e.code)\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'safetensors', "
-        "'transformers', 'bitsandbytes', 'accelerate', 'huggingface_hub', 'numpy') or m in ("
+        "'transformers', 'bitsandbytes', 'accelerate', 'huggingface_hub', 'numpy', 'fastapi', 'uvicorn', 'pydantic', 'mistral_common', 'tqdm') or m in ("
         "'mixtral_quant.formats', 'mixtral_quant.config', 'mixtral_quant.loader'))\n"
         "print(codes, heavy, file=sys.stderr)\n"
         "print(repr((codes, heavy)))\n"
