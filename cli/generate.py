@@ -52,10 +52,11 @@ def sampling_options(f):
 
 
 def compile_option(f):
-    """--compile, shared with `mixq chat`."""
-    return click.option("--compile", is_flag=True,
-                        help="Compile the decode step with torch.compile: faster tokens after a one-time compilation "
-                             "(tens of seconds on a CPU); decodes eagerly, with a warning, if compiling fails.")(f)  # fmt: skip
+    """--compile/--no-compile, shared with `mixq chat`."""
+    return click.option("--compile/--no-compile", default=None,
+                        help="Decode through torch.compile (+ CUDA graphs on a GPU). Default: on with CUDA when every "
+                             "expert is resident (the second token compiles: tens of seconds the first time), off "
+                             "otherwise. Offloaded experts always decode eagerly.")(f)  # fmt: skip
 
 
 def load(path, device, dtype, backend, max_memory, context=None, batch=None):
@@ -109,14 +110,14 @@ def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, devi
     tok = model.tokenizer
     ids = torch.tensor([tok.encode(prompt, bos=True)])
     stream = tok.stream()
-    state = {"first": None, "second": None}
+    from ..generate import resolve_compile
+
+    compiled = resolve_compile(model, compile)
+    times = []  # when each token arrived
     t0 = time.perf_counter()
 
     def on_token(t):
-        if state["first"] is None:
-            state["first"] = time.perf_counter()
-        elif state["second"] is None:
-            state["second"] = time.perf_counter()
+        times.append(time.perf_counter())
         if not as_json:
             text = stream.push(int(t[0]))
             if text:
@@ -127,12 +128,13 @@ def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, devi
     total = time.perf_counter() - t0
     new = out[0, ids.shape[1]:].tolist()
     n = len(new)
-    decode_s = total - (state["first"] - t0) if state["first"] else 0.0
+    first = times[0] if times else t0
+    decode_s = total - (first - t0)
     tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
     compile_s = None
-    if compile and state["second"]:  # the first decode step compiles: time the steps after it
-        compile_s = state["second"] - state["first"]
-        tps = (n - 2) / (total - (state["second"] - t0)) if n > 2 else float("nan")
+    if compiled and len(times) > 2:  # token 1 is the eager warm-up step, token 2 compiles: time the steps after it
+        compile_s = times[2] - times[1]
+        tps = (n - 3) / (total - (times[2] - t0)) if n > 3 else float("nan")
     if as_json:
         text = tok.decode([t for t in new if t != tok.eos_id])
         click.echo(json.dumps({"prompt": prompt, "text": text, "tokens": new, "new_tokens": n,
@@ -142,7 +144,7 @@ def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, devi
                                **({"offload": model.offload_stats()} if stats else {})}))  # fmt: skip
         return
     click.echo(stream.flush())
-    click.echo(f"[{n} tokens in {total:.2f} s: prefill {ids.shape[1]} tokens {(state['first'] or t0) - t0:.2f} s, "
+    click.echo(f"[{n} tokens in {total:.2f} s: prefill {ids.shape[1]} tokens {first - t0:.2f} s, "
                f"decode {tps:.1f} tok/s{'' if compile_s is None else f' (compiling: {compile_s:.1f} s)'}; "
                f"load {load_s:.1f} s]", err=True)  # fmt: skip
     if stats:

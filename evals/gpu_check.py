@@ -239,7 +239,7 @@ def _bnb_4bit(w: NF4Weight):
     state2 = QuantState(absmax=w.nested_absmax, code=w.nested_quant_map, blocksize=w.nested_blocksize,
                         dtype=torch.float32)  # fmt: skip
     qs = QuantState(absmax=w.absmax, shape=torch.Size(w.shape), code=w.quant_map, blocksize=w.blocksize,
-                    quant_type="nf4", dtype=torch.bfloat16, offset=torch.tensor(w.offset, device=DEV), state2=state2)  # fmt: skip
+                    quant_type="nf4", dtype=torch.bfloat16, offset=w.offset, state2=state2)  # fmt: skip
     return lambda x: bnb.matmul_4bit(x, w.packed.t(), quant_state=qs)
 
 

@@ -1,5 +1,5 @@
 """What every kernel wrapper shares: launch configs (from functions, small-M and large-M sets), a tuner that
-times them once per shape on the GPU, argument checks with clear messages, and the split-K reduction kernel.
+times them once per shape on the GPU (triton.testing.do_bench), argument checks with clear messages, and the split-K reduction kernel.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Callable, Hashable
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,10 @@ def largest_block_k(k: int, blocksize: int | None = None) -> int:
 
 
 class Tuner:
-    """Times each config once per key on the GPU (CUDA events, median) and remembers the fastest.
+    """Times each config once per key (triton.testing.do_bench, median) and remembers the fastest.
 
-    Call it outside CUDA-graph capture first (a warm-up run); MIXQ_TUNE=0 takes the first config untimed.
+    It runs inside the custom ops' eager implementations, never in a traced graph: call a step once before
+    capturing it in a CUDA graph (generate does). MIXQ_TUNE=0 takes the first config untimed.
     """
 
     def __init__(self, name: str):
@@ -106,34 +108,21 @@ class Tuner:
         if len(configs) == 1 or os.environ.get("MIXQ_TUNE", "1") == "0" or interpreting():
             self.best[key] = configs[0]
             return configs[0]
-        timings = []
+        timings, first_error = [], None
         for cfg in configs:
             try:
-                timings.append((time_cuda(lambda: launch(cfg), warmup=2, reps=7), cfg))
+                timings.append((triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20,
+                                                        return_mode="median"), cfg))  # fmt: skip
             except Exception as e:  # a config that does not fit (shared memory, registers) is skipped
                 log.debug("%s %s: %s skipped (%s)", self.name, key, cfg, e)
-        if not timings:
-            raise RuntimeError(f"{self.name}: no launch config ran for {key}")
+                first_error = first_error or e
+        if not timings:  # every config failed: the first failure says why (not a bare "nothing ran")
+            log.error("%s %s: every launch config failed", self.name, key)
+            raise first_error
         t, cfg = min(timings, key=lambda p: p[0])
         log.info("%s %s: %s (%.1f us)", self.name, key, cfg, t * 1e3)
         self.best[key] = cfg
         return cfg
-
-
-def time_cuda(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of fn() on the current CUDA stream, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def check_activation(x: torch.Tensor, k: int, name: str = "x") -> None:

@@ -95,23 +95,42 @@ def check_int8_weight(weight: torch.Tensor, scb: torch.Tensor, name: str = "weig
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     """x [..., K] (fp32/bf16/fp16, contiguous) @ (weight * scb[:, None] / 127).T -> [..., N] in x's dtype.
 
-    weight int8 [N, K], scb float32 [N] (bitsandbytes' SCB: each row's absmax). fp32 accumulation.
+    weight int8 [N, K], scb float32 [N] (bitsandbytes' SCB: each row's absmax). fp32 accumulation. Checks here,
+    then the custom operator `torch.ops.mixq.int8_matmul`, which torch.compile sees as one op.
     """
     check_int8_weight(weight, scb)
-    n, k = weight.shape
+    check_int8_args(x, weight, scb)
+    return _int8_matmul_op(x, weight, scb)
+
+
+def check_int8_args(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> None:
+    k = weight.shape[1]
     check_activation(x, k)
     check_k(k)
     check_device(x, {"weight": weight, "scb": scb})
-    x2 = x.view(-1, k)  # [M, K]
+
+
+@torch.library.custom_op("mixq::int8_matmul", mutates_args=())
+def _int8_matmul_op(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """int8_matmul's launches; the tuner runs here, eagerly, never inside a traced graph."""
+    n, k = weight.shape
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    x2, out2 = x.view(-1, k), out.view(-1, n)  # [M, K], [M, N]
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         max_bk = largest_block_k(k)
         key = (m_bucket(m), n, k, x.dtype)
         configs = clamp_block_k(configs_for(m), max_bk)
-        cfg = _TUNER.pick(key, configs, lambda c: _launch(x2, weight, scb, out, c, max_bk))
-        _launch(x2, weight, scb, out, cfg, max_bk)
-    return out.view(*x.shape[:-1], n)
+        cfg = _TUNER.pick(key, configs, lambda c: _launch(x2, weight, scb, out2, c, max_bk))
+        _launch(x2, weight, scb, out2, cfg, max_bk)
+    return out
+
+
+@_int8_matmul_op.register_fake
+def _int8_matmul_fake(x, weight, scb):
+    check_int8_weight(weight, scb)
+    check_int8_args(x, weight, scb)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _launch(x2, weight, scb, out, cfg: KernelConfig, max_bk: int) -> None:

@@ -32,16 +32,16 @@ class StackedNF4:
     nested_absmax: torch.Tensor  # float32 [E, ceil(blocks/256)] (absmax again when not double quant: unused)
     nested_quant_map: torch.Tensor  # float32 [E, 256] (quant_map when not double quant: unused)
     quant_map: torch.Tensor  # float32 [E, 16]
-    offsets: torch.Tensor  # float32 [E]
+    offsets: torch.Tensor  # float32 [E, 1] nested offsets (a strided view of the loader's buffer when it can be)
     shape: tuple[int, int]  # (N, K) of each expert
     blocksize: int
     nested_blocksize: int
     double_quant: bool
 
     def args(self) -> tuple:
-        """Kernel arguments: the six pointers, then the five per-expert strides."""
-        t = (self.packed, self.absmax, self.nested_absmax, self.nested_quant_map, self.quant_map)
-        return (*t, self.offsets, *(x.stride(0) for x in t))
+        """Kernel arguments: the six pointers, then the six per-expert strides."""
+        t = (self.packed, self.absmax, self.nested_absmax, self.nested_quant_map, self.quant_map, self.offsets)
+        return (*t, *(x.stride(0) for x in t))
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _stack_nf4(ws: list[NF4Weight], name: str) -> StackedNF4:
         nested_absmax=stack_views([w.nested_absmax if dq else w.absmax for w in ws]),
         nested_quant_map=stack_views([w.nested_quant_map if dq else w.quant_map for w in ws]),
         quant_map=stack_views([w.quant_map for w in ws]),
-        offsets=torch.tensor([w.offset for w in ws], dtype=torch.float32, device=first.packed.device),
+        offsets=stack_views([w.offset for w in ws]),  # device tensors: no host read
         shape=tuple(first.shape), blocksize=first.blocksize, nested_blocksize=first.nested_blocksize, double_quant=dq,
     )  # fmt: skip
 
@@ -173,9 +173,9 @@ def _moe_w13_kernel(
     sorted_ids_ptr, block_expert_ptr, total_ptr,  # moe_align
     h_ptr,  # [P, F] out: silu(x w1^T) * (x w3^T), row = pair
     # pointers and per-expert strides: w1 then w3 (NF4: packed, absmax, nested, nested map, quant map, offsets;
-    # int8: weight, scb and four unused)
-    a1, b1, c1, d1, q1, o1, sa1, sb1, sc1, sd1, sq1,
-    a3, b3, c3, d3, q3, o3, sa3, sb3, sc3, sd3, sq3,
+    # int8: weight, scb and four unused), then their strides along E
+    a1, b1, c1, d1, q1, o1, sa1, sb1, sc1, sd1, sq1, so1,
+    a3, b3, c3, d3, q3, o3, sa3, sb3, sc3, sd3, sq3, so3,
     # sizes
     num_pairs, F, D,
     # constexprs
@@ -208,7 +208,7 @@ def _moe_w13_kernel(
         acc3 *= tl.load(b3 + e * sb3 + rn, mask=n_mask, other=0.0)[None, :] * (1.0 / 127.0)
     else:
         j = tl.arange(0, BLOCK_K // 2)
-        off1, off3 = tl.load(o1 + e), tl.load(o3 + e)
+        off1, off3 = tl.load(o1 + e * so1), tl.load(o3 + e * so3)
         for k0 in range(0, D, BLOCK_K):
             xe = tl.load(x_rows + (k0 + 2 * j)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK/2]
             xo = tl.load(x_rows + (k0 + 2 * j + 1)[None, :], mask=m_mask[:, None], other=0.0)
@@ -235,7 +235,7 @@ def _moe_w2_kernel(
     topk_weights_ptr,  # fp32 [P]
     part_ptr,  # fp32 [T, split_k, A, D]: weighted partial outputs, summed later in a fixed order
     # pointers and per-expert strides of w2 (as in _moe_w13_kernel)
-    a2, b2, c2, d2, q2, o2, sa2, sb2, sc2, sd2, sq2,
+    a2, b2, c2, d2, q2, o2, sa2, sb2, sc2, sd2, sq2, so2,
     # sizes
     num_pairs, D, F, split_k,
     # constexprs
@@ -266,7 +266,7 @@ def _moe_w2_kernel(
         acc *= tl.load(b2 + e * sb2 + rn, mask=n_mask, other=0.0)[None, :] * (1.0 / 127.0)
     else:
         j = tl.arange(0, BLOCK_K // 2)
-        off2 = tl.load(o2 + e)
+        off2 = tl.load(o2 + e * so2)
         for k0 in range(k_start, k_end, BLOCK_K):
             he = tl.load(h_rows + (k0 + 2 * j)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK/2]
             ho = tl.load(h_rows + (k0 + 2 * j + 1)[None, :], mask=m_mask[:, None], other=0.0)
@@ -308,7 +308,7 @@ def _weight_args(w: StackedNF4 | StackedInt8) -> tuple:
     if isinstance(w, StackedNF4):
         return w.args()
     z = w.scb  # placeholders for the NF4-only pointers
-    return (w.weight, w.scb, z, z, z, z, w.weight.stride(0), w.scb.stride(0), 0, 0, 0)
+    return (w.weight, w.scb, z, z, z, z, w.weight.stride(0), w.scb.stride(0), 0, 0, 0, 0)
 
 
 def _max_block_k(w: StackedNF4 | StackedInt8, k: int) -> int:
@@ -328,11 +328,22 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     """sum_a topk_weights[t, a] * w2_e(silu(w1_e x_t) * w3_e x_t) with e = topk_ids[t, a]: x [T, D] -> [T, D].
 
     x fp32/bf16/fp16 contiguous; topk_ids [T, A] integer in [0, E) (not checked on the device: that would
-    sync); topk_weights [T, A] float. Experts with no tokens cost nothing.
+    sync); topk_weights [T, A] float. Experts with no tokens cost nothing. Checks here, then the custom operator
+    `torch.ops.mixq.fused_moe`, which torch.compile sees as one op (its fake checks again).
     """
     if not isinstance(experts, StackedExperts):
         raise ValueError(f"experts must be a StackedExperts (from stack_experts), got {type(experts).__name__}")
-    d, f, n_exp = experts.hidden, experts.intermediate, experts.num_experts
+    check_moe_args(x, topk_ids, topk_weights, experts)
+    nf4 = experts.fmt == "nf4"
+    q = experts.w1 if nf4 else None
+    return _fused_moe_op(x, topk_ids, topk_weights, _tensors(experts.w1), _tensors(experts.w3), _tensors(experts.w2),
+                         experts.hidden, experts.intermediate, nf4, q.blocksize if nf4 else 64,
+                         q.nested_blocksize if nf4 else 256, q.double_quant if nf4 else False)  # fmt: skip
+
+
+def check_moe_args(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                   experts: StackedExperts) -> None:  # fmt: skip
+    d, f = experts.hidden, experts.intermediate
     check_activation(x, d)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, D], got shape {tuple(x.shape)}")
@@ -347,7 +358,37 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     check_k(f)
     w1 = experts.w1.packed if isinstance(experts.w1, StackedNF4) else experts.w1.weight
     check_device(x, {"topk_ids": topk_ids, "topk_weights": topk_weights, "experts": w1})
-    top_k = topk_ids.shape[1]
+
+
+def _tensors(w: StackedNF4 | StackedInt8) -> list[torch.Tensor]:
+    if isinstance(w, StackedNF4):
+        return [w.packed, w.absmax, w.nested_absmax, w.nested_quant_map, w.quant_map, w.offsets]
+    return [w.weight, w.scb]
+
+
+def _experts(w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor], hidden: int, intermediate: int,
+             nf4: bool, blocksize: int, nested_blocksize: int, double_quant: bool) -> StackedExperts:  # fmt: skip
+    """The StackedExperts again from the operator's flat arguments."""
+
+    def one(ts: list[torch.Tensor], shape: tuple[int, int]) -> StackedNF4 | StackedInt8:
+        if nf4:
+            return StackedNF4(*ts, shape=shape, blocksize=blocksize, nested_blocksize=nested_blocksize,
+                              double_quant=double_quant)  # fmt: skip
+        return StackedInt8(*ts, shape=shape)
+
+    return StackedExperts(w1=one(w1, (intermediate, hidden)), w3=one(w3, (intermediate, hidden)),
+                          w2=one(w2, (hidden, intermediate)), num_experts=w1[0].shape[0], hidden=hidden,
+                          intermediate=intermediate)  # fmt: skip
+
+
+@torch.library.custom_op("mixq::fused_moe", mutates_args=())
+def _fused_moe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: list[torch.Tensor],
+                  w3: list[torch.Tensor], w2: list[torch.Tensor], hidden: int, intermediate: int, nf4: bool,
+                  blocksize: int, nested_blocksize: int, double_quant: bool) -> torch.Tensor:  # fmt: skip
+    """fused_moe's launches; the tuner runs here, eagerly, never inside a traced graph."""
+    experts = _experts(w1, w3, w2, hidden, intermediate, nf4, blocksize, nested_blocksize, double_quant)
+    d, f, n_exp = experts.hidden, experts.intermediate, experts.num_experts
+    t, top_k = topk_ids.shape
     out = torch.empty_like(x)
     if t == 0 or top_k == 0:
         return out.zero_()
@@ -358,6 +399,14 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     run.w13(cfg13)
     cfg2 = _TUNER.pick(("w2", *key), clamp_block_k(w2_configs(block_m), _max_block_k(experts.w2, f)), run.w2)
     return sum_rows(run.w2(cfg2), out)
+
+
+@_fused_moe_op.register_fake
+def _fused_moe_fake(x, topk_ids, topk_weights, w1, w3, w2, hidden, intermediate, nf4, blocksize, nested_blocksize,
+                    double_quant):  # fmt: skip
+    check_moe_args(x, topk_ids, topk_weights,
+                   _experts(w1, w3, w2, hidden, intermediate, nf4, blocksize, nested_blocksize, double_quant))
+    return torch.empty_like(x)
 
 
 class MoeLaunch:

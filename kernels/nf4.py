@@ -53,10 +53,10 @@ def nf4_tile(
 def _nf4_gemv_kernel(
     # pointers
     x_ptr,  # [K] one row of activations
-    packed_ptr, absmax_ptr, nested_ptr, nested_map_ptr, qmap_ptr,  # the NF4 weight [N, K]
+    packed_ptr, absmax_ptr, nested_ptr, nested_map_ptr, qmap_ptr, offset_ptr,  # the NF4 weight [N, K]
     out_ptr,  # [split_k, N] fp32 partial sums, or [N] in x's dtype when split_k == 1
     # sizes
-    N, K, offset, split_k,
+    N, K, split_k,
     # constexprs
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -69,6 +69,7 @@ def _nf4_gemv_kernel(
     k_start = pid_k * k_per
     k_end = tl.minimum(k_start + k_per, K)
     j = tl.arange(0, BLOCK_K // 2)
+    offset = tl.load(offset_ptr)  # the nested offset, read on the device
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         even, odd = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, nested_map_ptr, qmap_ptr, offset, rn, n_mask, k0, K,
@@ -84,10 +85,10 @@ def _nf4_gemv_kernel(
 def _nf4_matmul_kernel(
     # pointers
     x_ptr,  # [M, K] activations, row stride K
-    packed_ptr, absmax_ptr, nested_ptr, nested_map_ptr, qmap_ptr,  # the NF4 weight [N, K]
+    packed_ptr, absmax_ptr, nested_ptr, nested_map_ptr, qmap_ptr, offset_ptr,  # the NF4 weight [N, K]
     out_ptr,  # [M, split_k, N] fp32 partial sums, or [M, N] in x's dtype when split_k == 1
     # sizes
-    M, N, K, offset, split_k,
+    M, N, K, split_k,
     # constexprs
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -102,6 +103,7 @@ def _nf4_matmul_kernel(
     k_start = pid_k * k_per
     k_end = tl.minimum(k_start + k_per, K)
     j = tl.arange(0, BLOCK_K // 2)
+    offset = tl.load(offset_ptr)  # the nested offset, read on the device
     x_rows = x_ptr + rm[:, None] * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -123,7 +125,7 @@ _TUNER = Tuner("nf4_matmul")
 def _weight_args(w: NF4Weight) -> tuple:
     nested = w.nested_absmax if w.double_quant else w.absmax  # unused without double quant
     nested_map = w.nested_quant_map if w.double_quant else w.quant_map
-    return w.packed, w.absmax, nested, nested_map, w.quant_map
+    return w.packed, w.absmax, nested, nested_map, w.quant_map, w.offset
 
 
 def check_nf4_weight(w: NF4Weight, name: str = "w") -> None:
@@ -147,6 +149,10 @@ def check_nf4_weight(w: NF4Weight, name: str = "w") -> None:
         raise ValueError(f"{name}.quant_map must be float32 [16], got {w.quant_map.dtype} {tuple(w.quant_map.shape)}")
     if w.double_quant and (w.nested_quant_map is None or w.nested_quant_map.numel() != 256):
         raise ValueError(f"{name}.nested_quant_map must be float32 [256] with double quantization")
+    if not isinstance(w.offset, torch.Tensor) or w.offset.dtype != torch.float32 or w.offset.numel() != 1:
+        got = f"{w.offset.dtype} {tuple(w.offset.shape)}" if isinstance(w.offset, torch.Tensor) else type(w.offset).__name__
+        raise ValueError(f"{name}.offset must be a float32 tensor of one element (the nested offset, on the weight's "
+                         f"device), got {got}")  # fmt: skip
     tensors = {f"{name}.packed": w.packed, f"{name}.absmax": w.absmax, f"{name}.quant_map": w.quant_map}
     if w.double_quant:
         tensors.update({f"{name}.nested_absmax": w.nested_absmax, f"{name}.nested_quant_map": w.nested_quant_map})
@@ -159,21 +165,52 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """x [..., K] (fp32/bf16/fp16, contiguous) @ dequantize(w).T -> [..., N] in x's dtype; w.shape == (N, K).
 
     fp32 accumulation. M = x.numel() // K picks the kernel: 1 -> GEMV, <= 16 -> split-K tl.dot, else tiled GEMM.
+    Checks here, then the custom operator `torch.ops.mixq.nf4_matmul`, which torch.compile sees as one op.
     """
     check_nf4_weight(w)
+    check_nf4_args(x, w)
+    return _nf4_matmul_op(x, w.packed, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map, w.offset,
+                          w.shape[0], w.shape[1], w.blocksize, w.nested_blocksize)  # fmt: skip
+
+
+def check_nf4_args(x: torch.Tensor, w: NF4Weight) -> None:
     n, k = w.shape
     check_activation(x, k)
     check_k(k)
-    check_device(x, {"w.packed": w.packed, "w.absmax": w.absmax, "w.quant_map": w.quant_map})
-    x2 = x.view(-1, k)  # [M, K]
+    check_device(x, {"w.packed": w.packed, "w.absmax": w.absmax, "w.quant_map": w.quant_map, "w.offset": w.offset})
+
+
+def _weight(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, n: int, k: int, blocksize: int,
+            nested_blocksize: int) -> NF4Weight:  # fmt: skip
+    return NF4Weight(packed=packed, absmax=absmax, quant_map=quant_map, nested_absmax=nested_absmax,
+                     nested_quant_map=nested_quant_map, offset=offset, shape=(n, k), blocksize=blocksize,
+                     nested_blocksize=nested_blocksize, dtype=torch.float32)  # fmt: skip
+
+
+@torch.library.custom_op("mixq::nf4_matmul", mutates_args=())
+def _nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
+                   nested_absmax: torch.Tensor | None, nested_quant_map: torch.Tensor | None, offset: torch.Tensor,
+                   n: int, k: int, blocksize: int, nested_blocksize: int) -> torch.Tensor:  # fmt: skip
+    """nf4_matmul's launches; the tuner runs here, eagerly, never inside a traced graph."""
+    w = _weight(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, n, k, blocksize, nested_blocksize)
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    x2, out2 = x.view(-1, k), out.view(-1, n)  # [M, K], [M, N]
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        max_bk = largest_block_k(k, w.blocksize)
-        key = (m_bucket(m), n, k, w.blocksize, w.double_quant, x.dtype)
-        cfg = _TUNER.pick(key, clamp_block_k(configs_for(m), max_bk), lambda c: _launch(x2, w, out, c, max_bk))
-        _launch(x2, w, out, cfg, max_bk)
-    return out.view(*x.shape[:-1], n)
+        max_bk = largest_block_k(k, blocksize)
+        key = (m_bucket(m), n, k, blocksize, w.double_quant, x.dtype)
+        cfg = _TUNER.pick(key, clamp_block_k(configs_for(m), max_bk), lambda c: _launch(x2, w, out2, c, max_bk))
+        _launch(x2, w, out2, cfg, max_bk)
+    return out
+
+
+@_nf4_matmul_op.register_fake
+def _nf4_matmul_fake(x, packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, n, k, blocksize,
+                     nested_blocksize):  # fmt: skip
+    w = _weight(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, n, k, blocksize, nested_blocksize)
+    check_nf4_weight(w)
+    check_nf4_args(x, w)
+    return x.new_empty(*x.shape[:-1], n)
 
 
 def _launch(x2: torch.Tensor, w: NF4Weight, out: torch.Tensor, cfg: KernelConfig, max_bk: int) -> None:
@@ -186,10 +223,10 @@ def _launch(x2: torch.Tensor, w: NF4Weight, out: torch.Tensor, cfg: KernelConfig
                   BLOCK_N=cfg.block_n, BLOCK_K=bk, split_k=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split)
-        _nf4_gemv_kernel[grid](x2, *_weight_args(w), dst, n, k, w.offset, **common)
+        _nf4_gemv_kernel[grid](x2, *_weight_args(w), dst, n, k, **common)
     else:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-        _nf4_matmul_kernel[grid](x2, *_weight_args(w), dst, m, n, k, w.offset, BLOCK_M=cfg.block_m,
+        _nf4_matmul_kernel[grid](x2, *_weight_args(w), dst, m, n, k, BLOCK_M=cfg.block_m,
                                  DOT_FP32=dot_fp32(x2.dtype), **common)  # fmt: skip
     if split > 1:
         sum_rows(dst, out)

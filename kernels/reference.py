@@ -19,7 +19,7 @@ def nf4_to_dict(w: NF4Weight) -> dict[str, torch.Tensor]:
     if w.double_quant:
         d["weight.nested_absmax"] = w.nested_absmax
         d["weight.nested_quant_map"] = w.nested_quant_map
-        meta.update(nested_blocksize=w.nested_blocksize, nested_dtype="float32", nested_offset=w.offset)
+        meta.update(nested_blocksize=w.nested_blocksize, nested_dtype="float32", nested_offset=float(w.offset))
     d["weight." + QUANT_STATE_KEY] = pack_quant_state(meta)
     return d
 

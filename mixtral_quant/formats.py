@@ -347,7 +347,7 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> d
             "shape": list(w.shape)}
     out = {"weight": packed, "weight.quant_map": nf4.clone()}
     if double_quant:
-        offset = absmax.mean()
+        offset = absmax.double().mean().float()  # float64: the same bytes whatever device sums it
         qabs, nested_absmax = _blockwise(absmax - offset, NESTED_BLOCKSIZE, dyn_bounds)
         out["weight.absmax"] = qabs.to(torch.uint8)
         out["weight.nested_absmax"] = nested_absmax
@@ -367,40 +367,88 @@ def unpack_quant_state(t: Tensor) -> dict:
     return json.loads(bytes(t.cpu().numpy()).decode("utf-8"))
 
 
-def nf4_absmax(d: dict[str, Tensor], meta: dict | None = None, prefix: str = "weight") -> Tensor:
-    """The per-block fp32 absmax of an NF4 parameter, decoding the double quantization if present."""
-    meta = meta if meta is not None else unpack_quant_state(d[f"{prefix}.{QUANT_STATE_KEY}"])
-    absmax = d[f"{prefix}.absmax"]
-    if "nested_offset" not in meta:
-        return absmax.float()
-    code, nested = d[f"{prefix}.nested_quant_map"], d[f"{prefix}.nested_absmax"]
-    bs = meta["nested_blocksize"]
-    vals = code[absmax.long()]
-    n = vals.numel()
-    full = n - n % bs
-    out = torch.empty_like(vals)
-    out[:full] = (vals[:full].view(-1, bs) * nested[: full // bs, None]).view(-1)
-    if full < n:
-        out[full:] = vals[full:] * nested[-1]
-    return out + meta["nested_offset"]
-
-
 def dequantize_nf4(d: dict[str, Tensor], dtype: torch.dtype | None = None, prefix: str = "weight") -> Tensor:
+    """The weight of one saved NF4 parameter (keys `{prefix}`, `{prefix}.absmax`, ...), through decode_nf4."""
     meta = unpack_quant_state(d[f"{prefix}.{QUANT_STATE_KEY}"])
-    shape, bs = meta["shape"], meta["blocksize"]
+    double = "nested_offset" in meta
+    packed = d[prefix]
+    offset = torch.tensor(float(meta.get("nested_offset", 0.0)), dtype=torch.float32, device=packed.device)
+    return decode_nf4(packed.reshape(-1), d[f"{prefix}.absmax"], d[f"{prefix}.quant_map"],
+                      d[f"{prefix}.nested_absmax"] if double else None,
+                      d[f"{prefix}.nested_quant_map"] if double else None, offset, tuple(meta["shape"]),
+                      meta["blocksize"], dtype or getattr(torch, meta["dtype"]))  # fmt: skip
+
+
+def decode_nf4(packed: Tensor, absmax: Tensor, quant_map: Tensor | None, nested_absmax: Tensor | None,
+               nested_map: Tensor | None, offset: Tensor, shape: tuple[int, ...], blocksize: int,
+               dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """The one NF4 decoder, vectorised over any leading dims S: packed [*S, ceil(numel/2)(, 1)] -> [*S, *shape].
+
+    absmax [*S, blocks] (uint8 with nested_absmax [*S, nested blocks] and offset [*S], else float32); quant_map
+    [*S, 16] and nested_map [*S, 256], or None for the standard NF4 table and dynamic map (shared per device:
+    no per-weight gathers). fp32 throughout as bitsandbytes (absmax = nested_map[code] * nested_absmax + offset;
+    w = quant_map[nibble] * absmax), cast at the end; a few large ops whatever S is, and no host read.
+    """
     n = 1
     for s in shape:
         n *= s
-    packed = d[prefix].reshape(-1)
-    idx = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:n].long()
-    vals = d[f"{prefix}.quant_map"][idx]
-    absmax = nf4_absmax(d, meta, prefix)
-    full = n - n % bs
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    out[:full] = (vals[:full].view(-1, bs) * absmax[: full // bs, None]).view(-1)
-    if full < n:
-        out[full:] = vals[full:] * absmax[-1]
-    return out.view(shape).to(dtype or getattr(torch, meta["dtype"]))
+    S = absmax.shape[:-1]
+    blocks = absmax.shape[-1]
+    if blocks != -(-n // blocksize):
+        raise ValueError(f"nf4 weight of shape {tuple(shape)} needs {-(-n // blocksize)} blocks of {blocksize}, "
+                         f"got {blocks}")  # fmt: skip
+    if nested_absmax is not None:
+        if nested_map is None:  # [*S, blocks] dynamic-map values; index_select with int32 is the fast lookup
+            scale = nf4_table("dynamic_map", absmax.device).index_select(0, absmax.reshape(-1).int()).view(absmax.shape)
+        else:
+            scale = torch.gather(nested_map, -1, absmax.long())
+        nb = nested_absmax.shape[-1]
+        if blocks == nb * NESTED_BLOCKSIZE:  # [*S, nb, 256] * [*S, nb, 1]
+            scale = (scale.view(*S, nb, NESTED_BLOCKSIZE) * nested_absmax[..., None]).view(*S, blocks)
+        else:  # the last nested block is short
+            scale = scale * nested_absmax.repeat_interleave(NESTED_BLOCKSIZE, dim=-1)[..., :blocks]
+        scale = scale + offset[..., None]
+    else:
+        scale = absmax.float()
+    # byte -> its two fp32 NF4 values (high nibble first) as one float64 table entry: one gather per weight
+    if quant_map is None:
+        vals = nf4_table("nf4_pairs", packed.device).index_select(0, packed.reshape(-1).int())  # [*S * n/2] float64
+    else:
+        lut = quant_map[..., _byte_nibbles(quant_map.device)].view(torch.float64)  # [*S, 256]
+        vals = torch.gather(lut, -1, packed.reshape(*S, (n + 1) // 2).long())
+    vals = vals.view(torch.float32).view(*S, 2 * ((n + 1) // 2))
+    if n % 2:  # an odd size: the last byte's low nibble is padding
+        vals = vals[..., :n]
+    if n % blocksize == 0:
+        w = vals.view(*S, blocks, blocksize) * scale[..., None]  # [*S, blocks, blocksize]
+    else:  # a last, shorter block
+        w = vals * scale.repeat_interleave(blocksize, dim=-1)[..., :n]
+    return w.view(*S, *shape).to(dtype)
+
+
+# Shared lookup tables per device. A plain dict rather than functools.lru_cache: torch.compile traces into
+# lru_cache'd functions (rebuilding the table with host syncs) but reads a global dict's tensors as constants.
+_NF4_TABLES: dict[tuple[str, str], Tensor] = {}
+
+
+def nf4_table(name: str, device: torch.device) -> Tensor:
+    """'nf4_pairs': [256] float64, byte -> its two fp32 NF4 values (high nibble first); 'dynamic_map': [256] fp32."""
+    key = (name, str(device))
+    t = _NF4_TABLES.get(key)
+    if t is None:
+        if name == "nf4_pairs":
+            code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+            t = code[_byte_nibbles(device)].view(torch.float64)
+        else:
+            t = dynamic_map().to(device)
+        _NF4_TABLES[key] = t
+    return t
+
+
+@lru_cache(maxsize=None)
+def _byte_nibbles(device: torch.device) -> Tensor:
+    b = torch.arange(256, device=device)
+    return torch.stack((b >> 4, b & 15), dim=-1).reshape(-1)  # [512]: hi0, lo0, hi1, lo1, ...
 
 
 def quantize_int8(w: Tensor) -> dict[str, Tensor]:
@@ -571,6 +619,8 @@ class NF4Weight:
     """One NF4 weight as the kernels consume it: the saved tensors plus the JSON fields, no decoding done.
 
     `absmax` is uint8 (double quant: decode with nested_absmax/nested_quant_map/offset) or float32 (plain).
+    `offset` is a 0-d float32 tensor on the weights' device (0 without double quant): kernels read it there, so
+    nothing syncs with the host.
     """
 
     packed: Tensor  # uint8 [numel/2, 1]
@@ -578,7 +628,7 @@ class NF4Weight:
     quant_map: Tensor  # float32 [16]
     nested_absmax: Tensor | None  # float32 [ceil(blocks/256)]
     nested_quant_map: Tensor | None  # float32 [256]
-    offset: float
+    offset: Tensor  # float32, 0-d
     shape: tuple[int, ...]
     blocksize: int
     nested_blocksize: int
@@ -592,7 +642,8 @@ class NF4Weight:
             packed=d[prefix], absmax=d[f"{prefix}.absmax"], quant_map=d[f"{prefix}.quant_map"],
             nested_absmax=d[f"{prefix}.nested_absmax"] if nested else None,
             nested_quant_map=d[f"{prefix}.nested_quant_map"] if nested else None,
-            offset=float(meta.get("nested_offset", 0.0)), shape=tuple(meta["shape"]),
+            offset=torch.tensor(float(meta.get("nested_offset", 0.0)), dtype=torch.float32, device=d[prefix].device),
+            shape=tuple(meta["shape"]),
             blocksize=int(meta["blocksize"]), nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
             dtype=getattr(torch, meta["dtype"]),
         )  # fmt: skip

@@ -2,7 +2,8 @@
 
 Small functions in gpt-fast's shape: `prefill`, `decode_one_token`, `decode_n_tokens`, `generate`; `stream` is the
 iterator form. Left-padded batches (an attention_mask) and stopping at EOS per sequence are handled here.
-`compile=True` runs the decode step's forward through torch.compile (static shapes: the KV cache is preallocated).
+On CUDA with every expert resident the decode step runs through torch.compile + CUDA graphs by default (static
+shapes: the KV cache is preallocated; the kernels are custom operators); `compile=False` decodes eagerly.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
 
 
 def prefill(model, input_ids: Tensor, input_pos: Tensor, attention_mask: Tensor | None, s: Sampling) -> Tensor:
-    """Run the prompt [B, S] through the model (filling the cache), return the first new tokens [B]."""
-    logits = model(input_ids, input_pos, attention_mask, last_only=True)  # [B, 1, V]
+    """Run the prompt [B, S] (input_pos 0..S-1) through the model, filling the cache; return the first new tokens [B]."""
+    logits = model(input_ids, input_pos, attention_mask, last_only=True, from_start=True)  # [B, 1, V]
     return sample(logits[:, -1], s)
 
 
@@ -77,24 +78,42 @@ def decode_one_token(model, cur: Tensor, input_pos: Tensor, attention_mask: Tens
     return sample(step(model, cur, input_pos, attention_mask), s)
 
 
+def resolve_compile(model, compile: bool | None) -> bool:
+    """Whether to decode through compile_decode: `compile`, or by default (None) on CUDA when every expert is
+    resident. Offloaded experts always decode eagerly (the expert cache reads the router's choice on the host);
+    that is logged once per model."""
+    resident = model.experts_resident()
+    if compile is False or (compile is None and model.device.type != "cuda"):
+        return False
+    if not resident:
+        if not model.__dict__.get("_said_eager"):
+            model.__dict__["_said_eager"] = True
+            (log.warning if compile else log.info)(
+                "experts are offloaded: decoding eagerly (the expert cache reads the router's choice on the host)")
+        return False
+    return True
+
+
 def compile_decode(model) -> Callable:
     """decode_logits through torch.compile, gpt-fast style: fullgraph, static shapes (the preallocated KV cache keeps
     them fixed while decoding), CUDA graphs on a GPU ("reduce-overhead"), inductor's C++ kernels on the CPU.
 
-    Compiling happens at the first call (tens of seconds on a CPU, cached on disk by inductor afterwards). If it
-    fails (no C++ compiler, an op dynamo cannot trace such as an offloaded expert store's host syncs), a warning is
-    logged and the returned step decodes eagerly from then on.
+    The kernels are custom operators (mixtral_quant.kernels), so the whole step is one graph. The first step runs
+    eagerly: the kernels pick their launch configs for these shapes there, outside anything traced or captured.
+    Compiling happens at the second step (tens of seconds the first time, seconds once inductor's cache is warm).
+    If it fails (no C++ compiler, say), a warning is logged and the returned step decodes eagerly from then on.
     """
     if model.device.type == "cuda":
         compiled = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
     else:  # no CUDA graphs on a CPU: a C++ wrapper calls the kernels instead of Python (~20% faster per step)
         compiled = torch.compile(decode_logits, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-    state = {"fn": compiled, "checked": False}
+    state = {"fn": compiled, "warm": False, "checked": False}
 
     def step(model, cur: Tensor, input_pos: Tensor, attention_mask: Tensor | None) -> Tensor:
         fn = state["fn"]
-        if fn is decode_logits:  # compiling failed
-            return fn(model, cur, input_pos, attention_mask)
+        if fn is decode_logits or not state["warm"]:  # compiling failed, or the eager warm-up step
+            state["warm"] = True
+            return decode_logits(model, cur, input_pos, attention_mask)
         if state["checked"]:
             # the guards ran at this loop's first step and nothing they check changes between steps (same model,
             # shapes and dtypes; only input_pos and the caches' contents): skip re-evaluating them (~1 ms on a CPU)
@@ -131,7 +150,7 @@ def decode_n_tokens(model, cur: Tensor, input_pos: Tensor, n: int, attention_mas
 
 def stream(model, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos: int | list[int] | None = None,
-           attention_mask: Tensor | None = None, compile: bool = False) -> Iterator[Tensor]:  # fmt: skip
+           attention_mask: Tensor | None = None, compile: bool | None = None) -> Iterator[Tensor]:  # fmt: skip
     """The iterator form of `generate`: yields each step's new tokens [B] as soon as they exist."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, prompt length >= 1], got shape {tuple(input_ids.shape)}")
@@ -154,6 +173,7 @@ def stream(model, input_ids: Tensor, max_new_tokens: int, do_sample: bool = Fals
     eos_t = torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None
     if max_new_tokens == 0:
         return
+    compile = resolve_compile(model, compile)
     with torch.inference_mode():
         if model.max_batch_size < B or model.max_seq_length < S + max_new_tokens:  # else reuse the cache
             # compiled: a cache length from few sizes, so that calls with other lengths reuse the compiled step
@@ -175,14 +195,16 @@ def cache_length(n: int, max_positions: int) -> int:
 def generate(model, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos: int | list[int] | None = None,
              attention_mask: Tensor | None = None, callback: Callable[[Tensor], None] | None = None,
-             compile: bool = False) -> Tensor:  # fmt: skip
+             compile: bool | None = None) -> Tensor:  # fmt: skip
     """input_ids [B, S] (left-padded when attention_mask [B, S] is given) -> LongTensor [B, S + new].
 
     Greedy unless do_sample; sampling uses temperature, top_k (0 = off), top_p (1 = off) and a torch.Generator
     seeded by `seed`. Stops when every row has produced an EOS (eos: id(s); default config.eos_token_id; [] for
     none), rows that finished early are filled with EOS. callback(tokens [B]) is called at every step.
-    compile: decode through torch.compile (see compile_decode): same tokens, faster steps after a one-time
-    compilation; falls back to eager decoding, with a logged warning, where compiling fails.
+    compile: decode through torch.compile and, on CUDA, a captured CUDA graph (see compile_decode): the same tokens,
+    faster steps after a one-time compilation at the second step. None (default): on when the model is on CUDA
+    with every expert resident, off otherwise (see resolve_compile); False: eager. Falls back to eager decoding,
+    with a logged warning, where compiling fails.
     """
     B, S = input_ids.shape if input_ids.dim() == 2 else (0, 0)
     out = torch.empty(B, S + max(max_new_tokens, 0), dtype=torch.long, device=model.device)

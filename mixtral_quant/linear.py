@@ -6,13 +6,11 @@ A `QuantLinear` holds one NF4 or int8 weight, or a stack of them with the same s
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formats import NESTED_BLOCKSIZE, NF4_CODE, QUANT_STATE_KEY, NF4Weight, dynamic_map, unpack_quant_state
+from .formats import NESTED_BLOCKSIZE, NF4_CODE, QUANT_STATE_KEY, NF4Weight, decode_nf4, nf4_table, unpack_quant_state
 
 BACKENDS = ("auto", "torch", "triton", "bnb")
 
@@ -28,11 +26,27 @@ INT8_KEYS = {"weight": "weight", "SCB": "SCB"}
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; anything not in BACKENDS is a ValueError."""
+    """The backend, resolved once when a model is loaded: 'auto' -> 'triton' on CUDA, 'torch' elsewhere; 'triton'
+    and 'bnb' are imported here (and 'triton' checked against the device), so a forward never re-checks them.
+    Anything not in BACKENDS is a ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        try:
+            from .kernels import _common
+        except ImportError as e:
+            raise RuntimeError(f"backend 'triton' needs Triton ({e}); install it or use backend='torch'") from None
+        if device.type != "cuda" and not _common.interpreting():
+            raise ValueError(f"backend 'triton' runs on CUDA, not {device}: use backend='torch' "
+                             "(or TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")  # fmt: skip
+    elif backend == "bnb":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"backend 'bnb' needs bitsandbytes ({e}); use backend='torch'") from None
     return backend
 
 
@@ -144,7 +158,8 @@ class QuantLinear(nn.Module):
 
     # ---- views for kernels ---------------------------------------------------------------------------------
     def nf4_weight(self, *index: int) -> NF4Weight:
-        """The kernels' view of one weight (index into lead); shares storage with this module."""
+        """The kernels' view of one weight (index into lead); views of this module's buffers, the nested offset
+        included (a 0-d tensor on the device: nothing is read on the host)."""
         if self.fmt != "nf4":
             raise ValueError("nf4_weight() on an int8 QuantLinear")
         sel = lambda t: t[index] if index else t  # noqa: E731
@@ -152,7 +167,7 @@ class QuantLinear(nn.Module):
             packed=sel(self.weight), absmax=sel(self.absmax), quant_map=sel(self.quant_map),
             nested_absmax=sel(self.nested_absmax) if self.double_quant else None,
             nested_quant_map=sel(self.nested_quant_map) if self.double_quant else None,
-            offset=float(sel(self.offset)), shape=(self.out_features, self.in_features), blocksize=self.blocksize,
+            offset=sel(self.offset), shape=(self.out_features, self.in_features), blocksize=self.blocksize,
             nested_blocksize=NESTED_BLOCKSIZE, dtype=self.source_dtype,
         )  # fmt: skip
 
@@ -173,93 +188,23 @@ class QuantLinear(nn.Module):
             w = take(self.weight).to(dtype)  # [*S, out, in]
             return w * (take(self.SCB) * (1 / 127)).to(dtype)[..., None]
         std = self.standard_maps  # then the tables are shared: no per-slot gathers
-        return dequantize_nf4_stacked(
+        return decode_nf4(
             take(self.weight), take(self.absmax), None if std else take(self.quant_map),
             take(self.nested_absmax) if self.double_quant else None,
             None if std or not self.double_quant else take(self.nested_quant_map),
-            take(self.offset), self.out_features, self.in_features, self.blocksize, dtype,
+            take(self.offset), (self.out_features, self.in_features), self.blocksize, dtype,
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self)
 
 
-def dequantize_nf4_stacked(packed: Tensor, absmax: Tensor, quant_map: Tensor | None, nested_absmax: Tensor | None,
-                           nested_map: Tensor | None, offset: Tensor, out_f: int, in_f: int, blocksize: int,
-                           dtype: torch.dtype) -> Tensor:  # fmt: skip
-    """Vectorised bitsandbytes NF4 decode over any leading dims S: packed [*S, n/2, 1] -> [*S, out, in].
-
-    Same arithmetic as formats.dequantize_nf4 (fp32 throughout, cast at the end) in about eight kernels, whatever
-    S is: decoding is per-token overhead on the torch backend, so it is kept to few, large ops.
-    quant_map / nested_map None: the standard NF4 table and dynamic map (shared, cached per device).
-    """
-    S = packed.shape[:-2]
-    n = out_f * in_f
-    if n % blocksize or n % 2:
-        raise ValueError(f"nf4 weight of {n} elements is not a whole number of {blocksize}-blocks")
-    blocks = n // blocksize
-    if nested_absmax is not None:
-        if nested_map is None:  # [*S, blocks] dynamic-map values; index_select with int32 is the fast lookup
-            scale = _dynamic_map(absmax.device).index_select(0, absmax.reshape(-1).int()).view(absmax.shape)
-        else:
-            scale = torch.gather(nested_map, -1, absmax.long())
-        nb = nested_absmax.shape[-1]
-        if blocks == nb * NESTED_BLOCKSIZE:  # [*S, nb, 256] * [*S, nb, 1]
-            scale = (scale.view(*S, nb, NESTED_BLOCKSIZE) * nested_absmax[..., None]).view(*S, blocks)
-        else:  # the last nested block is short
-            scale = scale * nested_absmax.repeat_interleave(NESTED_BLOCKSIZE, dim=-1)[..., :blocks]
-        scale = scale + offset[..., None]
-    else:
-        scale = absmax.float()
-    # byte -> its two fp32 NF4 values (high nibble first) as one float64 table entry: one gather per weight
-    if quant_map is None:
-        vals = _nf4_pairs(packed.device).index_select(0, packed.reshape(-1).int())  # [*S * n/2] float64
-    else:
-        lut = quant_map[..., _byte_nibbles(quant_map.device)].view(torch.float64)  # [*S, 256]
-        vals = torch.gather(lut, -1, packed.view(*S, n // 2).long())
-    w = vals.view(torch.float32).view(*S, blocks, blocksize) * scale[..., None]  # [*S, blocks, blocksize]
-    return w.view(*S, out_f, in_f).to(dtype)
-
-
-def _nf4_pairs(device: torch.device) -> Tensor:
-    """[256] float64: byte -> its two fp32 NF4 values (high nibble first), per device, built once."""
-    return _table("nf4_pairs", device)
-
-
-def _dynamic_map(device: torch.device) -> Tensor:
-    return _table("dynamic_map", device)
-
-
-# Shared lookup tables per device. A plain dict rather than functools.lru_cache: torch.compile traces into
-# lru_cache'd functions (rebuilding the table with host syncs) but reads a global dict's tensors as constants.
-_TABLES: dict[tuple[str, str], Tensor] = {}
-
-
-def _table(name: str, device: torch.device) -> Tensor:
-    key = (name, str(device))
-    t = _TABLES.get(key)
-    if t is None:
-        if name == "nf4_pairs":
-            code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
-            t = code[_byte_nibbles(device)].view(torch.float64)
-        else:
-            t = dynamic_map().to(device)
-        _TABLES[key] = t
-    return t
-
-
 def _has_standard_maps(w: "QuantLinear") -> bool:
     dev = w.quant_map.device
     ok = bool((w.quant_map == torch.tensor(NF4_CODE, dtype=torch.float32, device=dev)).all())
     if w.double_quant:
-        ok = ok and bool((w.nested_quant_map == _dynamic_map(dev)).all())
+        ok = ok and bool((w.nested_quant_map == nf4_table("dynamic_map", dev)).all())
     return ok
-
-
-@functools.lru_cache(maxsize=None)
-def _byte_nibbles(device: torch.device) -> Tensor:
-    b = torch.arange(256, device=device)
-    return torch.stack((b >> 4, b & 15), dim=-1).reshape(-1)  # [512]: hi0, lo0, hi1, lo1, ...
 
 
 # ---- the backend dispatch --------------------------------------------------------------------------------
@@ -288,37 +233,21 @@ def _slices(w: QuantLinear, index: int | None) -> list[tuple[int, ...]]:
 
 
 def _triton_linear(x: Tensor, w: QuantLinear, index: int | None) -> Tensor:
-    try:
-        from .kernels import int8_matmul, nf4_matmul
-    except ImportError as e:
-        raise RuntimeError(
-            f"backend 'triton' needs mixtral_quant.kernels.nf4_matmul/int8_matmul ({e}); use backend='torch'"
-        ) from None
+    from .kernels import int8_matmul, nf4_matmul  # importable: resolve_backend checked it when the model loaded
+
     outs = []
     for t in _slices(w, index):
         if w.fmt == "nf4":
-            outs.append(nf4_matmul(x, _nf4_view(w) if not w.lead else w.nf4_weight(*t)))
+            outs.append(nf4_matmul(x, w.nf4_weight(*t)))
         else:
             outs.append(int8_matmul(x, w.weight[t] if t else w.weight, w.SCB[t] if t else w.SCB))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-# -- kernels (issue 4): a single weight's NF4Weight view is built once; nf4_weight() reads the nested offset on the
-# host, a sync that CUDA-graph capture of the decode step does not allow. Stacks (expert slots whose bytes change)
-# are not cached.
-def _nf4_view(w: QuantLinear) -> NF4Weight:
-    view = w.__dict__.get("_nf4_view")
-    if view is None:
-        view = w.__dict__["_nf4_view"] = w.nf4_weight()
-    return view
-
-
 def _bnb_linear(x: Tensor, w: QuantLinear, index: int | None) -> Tensor:
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import QuantState
-    except ImportError as e:
-        raise RuntimeError(f"backend 'bnb' needs bitsandbytes ({e}); use backend='torch'") from None
+    import bitsandbytes as bnb  # importable: resolve_backend checked it when the model loaded
+    from bitsandbytes.functional import QuantState
+
     outs = []
     for t in _slices(w, index):
         if w.fmt == "int8":  # bitsandbytes' int8 weights dequantize row-wise; no fp16 copy is kept
@@ -331,7 +260,7 @@ def _bnb_linear(x: Tensor, w: QuantLinear, index: int | None) -> Tensor:
             state2 = QuantState(absmax=v.nested_absmax, code=v.nested_quant_map, blocksize=v.nested_blocksize,
                                 dtype=torch.float32)  # fmt: skip
         qs = QuantState(absmax=v.absmax, shape=torch.Size(v.shape), code=v.quant_map, blocksize=v.blocksize,
-                        quant_type="nf4", dtype=x.dtype, offset=torch.tensor(v.offset, device=x.device) if state2 else None,
+                        quant_type="nf4", dtype=x.dtype, offset=v.offset if state2 else None,
                         state2=state2)  # fmt: skip
         outs.append(bnb.matmul_4bit(x, v.packed.t(), quant_state=qs))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)

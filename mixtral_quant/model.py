@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import MixtralConfig
 from .linear import QuantLinear
-from .offload import ExpertStore
+from .offload import ExpertStore, ResidentExperts
 
 # Legend: B batch, S new tokens, L key positions (the cache length, or S without a cache), T = B*S tokens,
 # D hidden, H query heads, K key/value heads, hd head dim, E experts, A activated experts, V vocabulary.
@@ -42,31 +42,44 @@ class KVCache(nn.Module):
 
 @dataclass
 class Context:
-    """What every block needs besides the hidden state: rotary cos/sin, the attention mask and cache positions."""
+    """What every block needs besides the hidden state: rotary cos/sin, the attention mask and cache positions.
+
+    causal: the keys are these S tokens and nothing is masked but the future (no padding, no window within them):
+    attention runs with is_causal and no mask, which SDPA's flash / memory-efficient kernels accept on CUDA.
+    """
 
     cos: Tensor  # [B or 1, 1, S, hd]
     sin: Tensor  # [B or 1, 1, S, hd]
-    mask: Tensor  # bool [B or 1, 1, S, L], True = may attend
+    mask: Tensor | None  # bool [B or 1, 1, S, L], True = may attend; None when causal
     input_pos: Tensor  # [S] cache positions written by this forward
     use_cache: bool = False  # write/read the layers' KV caches (else attend over these S tokens only)
+    causal: bool = False
 
 
 def make_context(config: MixtralConfig, input_pos: Tensor, *, kv_len: int | None = None,
                  attention_mask: Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 inv_freq: Tensor | None = None) -> Context:  # fmt: skip
+                 inv_freq: Tensor | None = None, from_start: bool = False) -> Context:  # fmt: skip
     """Context for tokens at cache positions `input_pos` [S].
 
     kv_len: the KV cache length (keys at positions 0..kv_len-1); None without a cache (keys = these tokens).
     attention_mask: [B, P] 1 for real tokens, 0 for left padding, covering cache positions 0..P-1 (positions from
     P on count as real). RoPE positions then skip the padding, so a padded row matches the prompt run alone.
+    from_start: input_pos is 0..S-1 (a prompt into an empty cache), so with a cache too the keys that matter are
+    these S tokens. Without padding and with no window inside the S tokens, no mask is built (Context.causal).
     """
     device = input_pos.device
+    S = input_pos.shape[0]
+    window_bites = bool(config.sliding_window) and S > config.sliding_window
+    causal = attention_mask is None and not window_bites and S > 1 and (kv_len is None or from_start)
     qpos = input_pos  # [S]
-    kpos = torch.arange(kv_len, device=device) if kv_len is not None else input_pos  # [L]
-    allowed = kpos[None, :] <= qpos[:, None]  # [S, L] causal
-    if config.sliding_window:
-        allowed = allowed & (kpos[None, :] > qpos[:, None] - config.sliding_window)
     positions = qpos[None, :]  # [1, S]
+    mask = None
+    if not causal:
+        kpos = torch.arange(kv_len, device=device) if kv_len is not None else input_pos  # [L]
+        allowed = kpos[None, :] <= qpos[:, None]  # [S, L] causal
+        if config.sliding_window:
+            allowed = allowed & (kpos[None, :] > qpos[:, None] - config.sliding_window)
+        mask = allowed[None, None]  # [1, 1, S, L]
     if attention_mask is not None:
         am = attention_mask.to(device=device, dtype=torch.bool)  # [B, P]
         B, P = am.shape
@@ -75,16 +88,15 @@ def make_context(config: MixtralConfig, input_pos: Tensor, *, kv_len: int | None
         n = min(P, L)
         valid[:, :n] = am[:, :n]
         # a padding query attends to itself only, so its row stays finite (it is never read)
-        allowed = allowed[None] & (valid[:, None, :] | (kpos[None, :] == qpos[:, None])[None])  # [B, S, L]
+        mask = (allowed[None] & (valid[:, None, :] | (kpos[None, :] == qpos[:, None])[None]))[:, None]  # [B, 1, S, L]
         n_pad = P - am.sum(dim=1)  # [B] left padding
         positions = (qpos[None, :] - n_pad[:, None]).clamp(min=0)  # [B, S]
     if inv_freq is None:
         inv_freq = rope_inv_freq(config, device)
     freqs = positions[..., None].float() * inv_freq  # [B or 1, S, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B or 1, S, hd]
-    mask = allowed if allowed.dim() == 3 else allowed[None]
-    return Context(emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], mask[:, None], input_pos,
-                   use_cache=kv_len is not None)
+    return Context(emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], mask, input_pos,
+                   use_cache=kv_len is not None, causal=causal)
 
 
 class Transformer(nn.Module):
@@ -132,21 +144,23 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
         self.max_batch_size = self.max_seq_length = 0
 
-    def context(self, input_pos: Tensor | None, attention_mask: Tensor | None = None, S: int = 0) -> Context:
+    def context(self, input_pos: Tensor | None, attention_mask: Tensor | None = None, S: int = 0,
+                from_start: bool = False) -> Context:  # fmt: skip
         """With input_pos: cache positions, through the KV cache. Without: positions 0..S-1, no cache."""
         kv_len = self.max_seq_length if input_pos is not None and self.max_seq_length else None
         if input_pos is None:
             input_pos = torch.arange(S, device=self.device)
         return make_context(self.config, input_pos, kv_len=kv_len, attention_mask=attention_mask, dtype=self.dtype,
-                            inv_freq=self.inv_freq)  # fmt: skip
+                            inv_freq=self.inv_freq, from_start=from_start)  # fmt: skip
 
     def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, attention_mask: Tensor | None = None,
-                last_only: bool = False) -> Tensor:  # fmt: skip
+                last_only: bool = False, from_start: bool = False) -> Tensor:  # fmt: skip
         """input_ids [B, S] -> logits [B, S, V]. input_pos [S]: the cache positions to write and attend from
         (caches must be set up, see generate.py); None: a plain forward over these S tokens, caches untouched.
         attention_mask [B, P] marks left padding (see make_context). last_only: logits of the last position only,
-        [B, 1, V] (a prefill needs no more; the lm_head is the largest matmul of a small model)."""
-        ctx = self.context(input_pos, attention_mask, input_ids.shape[1])
+        [B, 1, V] (a prefill needs no more; the lm_head is the largest matmul of a small model). from_start:
+        input_pos is 0..S-1 (a prompt into an empty cache): attention over these S tokens needs no mask."""
+        ctx = self.context(input_pos, attention_mask, input_ids.shape[1], from_start)
         h = self.embed_tokens(input_ids)  # [B, S, D]
         for layer in self.layers:
             h = layer(h, ctx)
@@ -159,6 +173,10 @@ class Transformer(nn.Module):
         from .generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kw)
+
+    def experts_resident(self) -> bool:
+        """True when every layer's experts live on the compute device (no expert cache reading routes on the host)."""
+        return all(isinstance(layer.block_sparse_moe.experts, ResidentExperts) for layer in self.layers)
 
     def offload_stats(self) -> dict:
         """Per-store statistics summed over layers (all zero when every expert is resident)."""
@@ -218,10 +236,31 @@ class Attention(nn.Module):
         if ctx.use_cache:
             if self.kv_cache is None:
                 raise RuntimeError("a cached forward (input_pos given) needs the KV cache: call setup_caches() first")
-            k, v = self.kv_cache.update(ctx.input_pos, k, v)  # [B, K, L, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=self.n_kv_head != self.n_head)
+            k_all, v_all = self.kv_cache.update(ctx.input_pos, k, v)  # [B, K, L, hd]
+            if not ctx.causal:  # else the S new keys are all there is (a prompt into an empty cache)
+                k, v = k_all, v_all
+        y = attend(q, k, v, ctx)  # [B, H, S, hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # [B, S, H*hd]
         return self.o_proj(y) if o_weight is None else F.linear(y, o_weight)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
+    """SDPA in a form CUDA's flash or memory-efficient kernels accept (the math fallback upcasts to fp32 and
+    materialises the [S, L] scores: 4.4 GB for a 4096-token Mixtral prefill). Flash takes no mask but grouped heads;
+    memory-efficient takes a mask but not grouped heads. q [B, H, S, hd], k/v [B, K, L, hd] -> [B, H, S, hd].
+    """
+    B, H, S, hd = q.shape
+    K = k.shape[1]
+    if ctx.causal:  # no mask: flash (grouped heads in fp16/bf16; expanded in fp32, which only efficient takes)
+        if K != H and q.dtype == torch.float32:
+            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # [B, H, S, hd]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)
+    if S == 1:  # decode: a group's H/K query heads become rows of one key head; the mask [B or 1, 1, 1, L] fits all
+        y = F.scaled_dot_product_attention(q.reshape(B, K, H // K, hd), k, v, attn_mask=ctx.mask)  # [B, K, H/K, hd]
+        return y.reshape(B, H, 1, hd)
+    if K != H:  # a mask (padding, a window inside the S tokens): memory-efficient, over expanded K/V [B, H, L, hd]
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
 
 
 class MoE(nn.Module):

@@ -216,7 +216,7 @@ def test_triton_backend_dispatches_to_the_kernels(nf4_dir, monkeypatch):
         d["weight." + QUANT_STATE_KEY] = pack_quant_state({"quant_type": "nf4", "blocksize": w.blocksize,
                                                            "dtype": "bfloat16", "shape": list(w.shape),
                                                            "nested_blocksize": 256, "nested_dtype": "float32",
-                                                           "nested_offset": w.offset})  # fmt: skip
+                                                           "nested_offset": float(w.offset)})  # fmt: skip
         return x @ dequantize_tensor(d, x.dtype).T
 
     monkeypatch.setattr(kernels, "nf4_matmul", nf4_matmul, raising=False)
