@@ -1,8 +1,11 @@
-"""The one GPU check (issue 4): kernel correctness at Mixtral's shapes, the device's copy and matmul ceilings, kernel
-speed against them and against bf16 torch.matmul / bitsandbytes, and a Mixtral-8x7B-shaped NF4 model's throughput.
+"""The one GPU check: kernel correctness at Mixtral's shapes, the device's copy and matmul ceilings, kernel speed
+against them and against bf16 torch.matmul / bitsandbytes, and a Mixtral-8x7B-shaped NF4 model: prefill, the
+hand-captured decode step, and what users run, `model.generate()` at batch 1 (compiled + CUDA graphs by default),
+each against the copy-bandwidth ceiling (bytes read per token / measured copy bandwidth); which SDPA kernels the
+model's attention calls can use; and the offloaded decode's peak memory against its budget.
 
-    python evals/gpu_check.py --out DIR                                # on one H100/H200, about 5-8 minutes
-    python evals/gpu_check.py --out DIR --small              # tiny shapes; on a CPU it runs under TRITON_INTERPRET
+    python evals/gpu_check.py --out DIR          # on one H100/H200, under 8 minutes
+    python evals/gpu_check.py --out DIR --small  # tiny shapes; on a CPU it runs under TRITON_INTERPRET
 
 Writes DIR/gpu_check.json (everything) after every section and prints a short table last. Each section is guarded:
 a failure is recorded with its traceback and the other sections still run.
@@ -42,13 +45,14 @@ GiB = 1 << 30
 FULL = dict(
     shapes=[(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)], ms=[1, 16, 512], moe=(8, 4096, 14336, 2),
     moe_ts=[1, 16, 512], copy_bytes=2 * GiB, matmul_n=8192, rotate_bytes=256 << 20,
-    model=dict(layers=32), prefill=512, decode=128, offload_decode=32, context=4096, reps=5,
+    model=dict(layers=32), prefill=512, decode=128, generate=128, offload_decode=32, context=4096, reps=5,
 )  # fmt: skip
 SMALL = dict(
     shapes=[(96, 128), (128, 96), (64, 64)], ms=[1, 16, 33], moe=(4, 64, 96, 2), moe_ts=[1, 5], copy_bytes=8 << 20,
     matmul_n=256, rotate_bytes=1 << 20,
     model=dict(layers=2, vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-               num_key_value_heads=2, num_local_experts=4), prefill=8, decode=3, offload_decode=2, context=32, reps=1,
+               num_key_value_heads=2, num_local_experts=4), prefill=8, decode=3, generate=4, offload_decode=2, context=32,
+    reps=1,
 )  # fmt: skip
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
 
@@ -347,6 +351,34 @@ def build_model(cfg: dict, backend: str = "triton"):
     return model.eval().requires_grad_(False)
 
 
+def bytes_per_token(model, pos: int) -> int:
+    """Bytes a batch-1 decode step must read at cache position `pos`: every non-expert weight (attention, norms,
+    router, lm_head; one embedding row), top_k experts per layer, and the keys/values of positions 0..pos."""
+    c = model.config
+    total = c.hidden_size * model.embed_tokens.weight.element_size() + _nbytes(model.norm) + _nbytes(model.lm_head)
+    for layer in model.layers:
+        store = layer.block_sparse_moe.experts
+        total += sum(_nbytes(m) for m in (layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm,
+                                          layer.block_sparse_moe.gate))  # fmt: skip
+        total += _nbytes(store) * c.num_experts_per_tok // c.num_local_experts
+    kv = 2 * c.num_key_value_heads * c.head_dim * model.dtype.itemsize * (pos + 1)
+    return total - sum(_kv_bytes(layer) for layer in model.layers) + kv * c.num_hidden_layers
+
+
+def _nbytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers (views counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
+def _kv_bytes(layer) -> int:
+    cache = layer.self_attn.kv_cache
+    return 0 if cache is None else _nbytes(cache)
+
+
 def section_model(cfg: dict, res: dict, state: dict) -> None:
     out = res.setdefault("model", {})
     state.pop("weights", None)  # the kernel sections' weights would count in the peak
@@ -361,24 +393,31 @@ def section_model(cfg: dict, res: dict, state: dict) -> None:
     out["weights_GB"] = sum(b.numel() * b.element_size() for b in list(model.buffers()) + list(model.parameters())) / 1e9
     out["config"] = {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
                                                             "num_local_experts", "vocab_size")}  # fmt: skip
+    state["model"] = model
     log(f"model built in {out['build_s']:.1f} s: {out['weights_GB']:.2f} GB of weights")
     ctx, P, n_dec = cfg["context"], cfg["prefill"], cfg["decode"]
     model.setup_caches(1, ctx)
     gen = torch.Generator(device=DEV).manual_seed(3)
     V = model.config.vocab_size
     prompt = torch.randint(0, V, (1, P), device=DEV, generator=gen)
+    copy = state.get("copy_GBps")
+    out["bytes_per_token"] = bytes_per_token(model, P + n_dec // 2)
+    if copy:
+        out["ceiling_tok_s"] = copy * 1e9 / out["bytes_per_token"]
+        log(f"copy-bandwidth ceiling: {out['bytes_per_token'] / 1e9:.2f} GB per token at {copy:.0f} GB/s -> "
+            f"{out['ceiling_tok_s']:.0f} tok/s")
 
     with torch.inference_mode():
         # prefill P tokens (the first call tunes and compiles the kernels for these shapes)
         pos = torch.arange(P, device=DEV)
-        model(prompt, pos)
+        model(prompt, pos, from_start=True)
         sync()
-        s = timed(lambda: model(prompt, pos), cfg["reps"])
+        s = timed(lambda: model(prompt, pos, from_start=True), cfg["reps"])
         out["prefill_tokens"] = P
         out["prefill_tok_s"] = P / s
         log(f"prefill {P} tokens: {P / s:.0f} tok/s")
 
-        # batch-1 decode: one step captured in a CUDA graph, replayed n_dec times; the loop stays on the device
+        # batch-1 decode: one step captured in a CUDA graph by hand, replayed n_dec times; the loop stays on the device
         tok = prompt[:, -1:].clone()  # [1, 1]
         step_pos = torch.tensor([P], device=DEV)
 
@@ -387,7 +426,7 @@ def section_model(cfg: dict, res: dict, state: dict) -> None:
             tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
             step_pos.add_(1)
 
-        for _ in range(3 if CUDA else 1):  # warm up: tune M=1 configs, build the fused-MoE stacks and cached views
+        for _ in range(3 if CUDA else 1):  # warm up: tune M=1 configs, build the fused-MoE stacks
             step()
         sync()
         run, how = step, "eager"
@@ -409,23 +448,106 @@ def section_model(cfg: dict, res: dict, state: dict) -> None:
 
         s = timed(decode_all, 1)
         out.update(decode_tokens=n_dec, decode_tok_s=n_dec / s, decode_timing=how)
+        if copy:
+            out["decode_pct_ceiling"] = 100 * out["decode_tok_s"] / out["ceiling_tok_s"]
         if CUDA:
             out["peak_memory_decode_GB"] = torch.cuda.max_memory_allocated() / 1e9  # weights + cache + decode
         log(f"decode {n_dec} tokens ({how}): {n_dec / s:.1f} tok/s")
-
-        # peak memory with the whole context: a prefill of `ctx` tokens into the ctx-long cache
-        if CUDA:
-            torch.cuda.reset_peak_memory_stats()
+    section_generate(cfg, res, state)
+    with torch.inference_mode():
+        # peak memory with the whole context: a prefill of `ctx` tokens into the ctx-long cache, its shapes warmed
+        model.setup_caches(1, ctx)
         full = torch.randint(0, V, (1, ctx), device=DEV, generator=gen)
+        full_pos = torch.arange(ctx, device=DEV)
+        model(full, full_pos, from_start=True, last_only=True)  # warm: tunes the M=ctx configs
+        sync()
+        if CUDA:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        model(full, torch.arange(ctx, device=DEV))
+        model(full, full_pos, from_start=True, last_only=True)
         sync()
         out["prefill_full_context_tok_s"] = ctx / (time.perf_counter() - t)
         out["context"] = ctx
         if CUDA:
             out["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
             log(f"peak memory at {ctx} context: {out['peak_memory_GB']:.2f} GB")
+
+
+def section_generate(cfg: dict, res: dict, state: dict) -> None:
+    """What users run: model.generate() at batch 1, its defaults (on CUDA: compiled, CUDA graphs), timed per token.
+
+    The first call pays the compilation (reported as first_call_s); the second is timed from its second decode
+    step on (the first decode step of every call runs eagerly, see generate.compile_decode)."""
+    from mixtral_quant.generate import resolve_compile
+
+    model = state["model"]
+    out = res.setdefault("generate", {})
+    n = cfg["generate"]
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    prompt = torch.randint(0, model.config.vocab_size, (1, cfg["prefill"]), device=DEV, generator=gen)
+    out.update(compiled=resolve_compile(model, None), new_tokens=n, prompt_tokens=cfg["prefill"])
+    times: list[float] = []
+
+    def on_token(_):
+        sync()
+        times.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    first = model.generate(prompt, n, eos=[], callback=on_token)
+    out["first_call_s"] = time.perf_counter() - t0
+    log(f"generate: first call ({n} tokens, compiled={out['compiled']}) {out['first_call_s']:.1f} s")
+    times.clear()
+    again = model.generate(prompt, n, eos=[], callback=on_token)
+    out["same_tokens_both_calls"] = bool(torch.equal(first, again))
+    if len(times) > 3:
+        out["decode_tok_s"] = (len(times) - 2) / (times[-1] - times[1])
+        ceiling = res.get("model", {}).get("ceiling_tok_s")
+        if ceiling:
+            out["pct_ceiling"] = 100 * out["decode_tok_s"] / ceiling
+        log(f"generate: {out['decode_tok_s']:.1f} tok/s at batch 1"
+            + (f" ({out['pct_ceiling']:.0f}% of the copy-bandwidth ceiling)" if ceiling else ""))
+    # the same tokens as eager decoding (the README's promise), over a few steps
+    k = min(n, 16)
+    eager = model.generate(prompt, k, eos=[], compile=False)
+    out["tokens_equal_eager"] = bool(torch.equal(eager, first[:, : prompt.shape[1] + k]))
+    log(f"generate: compiled tokens equal eager over {k} steps: {out['tokens_equal_eager']}")
+
+
+def section_attention(cfg: dict, res: dict, state: dict) -> None:
+    """The model's prefill and decode attention calls (bf16) with SDPA restricted to flash + memory-efficient:
+    each either runs (no math fallback needed) or the error is recorded; and the prefill's peak over the weights."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = state.get("model") or build_model(cfg)
     state["model"] = model
+    out = res.setdefault("attention", {})
+    ctx = cfg["context"]
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    ids = torch.randint(0, model.config.vocab_size, (2, ctx // 2), device=DEV, generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, : ctx // 4] = 0  # row 1 left-padded: the masked path
+    model.setup_caches(2, ctx)
+    cases = {
+        "prefill_causal": lambda: model(ids[:1], torch.arange(ids.shape[1], device=DEV), from_start=True, last_only=True),
+        "decode": lambda: model(ids[:1, :1], torch.tensor([ids.shape[1]], device=DEV)),
+        "prefill_padded": lambda: model(ids, torch.arange(ids.shape[1], device=DEV), mask, last_only=True),
+        "decode_padded": lambda: model(ids[:, :1], torch.tensor([ids.shape[1]], device=DEV), mask),
+    }
+    with torch.inference_mode(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        for name, call in cases.items():
+            try:
+                if CUDA:
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if CUDA else 0
+                call()
+                sync()
+                out[name] = dict(ok=True, **({"peak_above_start_GB": (torch.cuda.max_memory_allocated() - base) / 1e9}
+                                              if CUDA else {}))  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                out[name] = dict(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+            log(f"attention {name}: {out[name]}")
+    model.setup_caches(1, ctx)
 
 
 def section_offload(cfg: dict, res: dict, state: dict) -> None:
@@ -455,6 +577,8 @@ def section_offload(cfg: dict, res: dict, state: dict) -> None:
         for _ in range(2):
             model(tok, pos)
         sync()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
 
         def decode_all():
             for _ in range(n_dec):
@@ -467,11 +591,14 @@ def section_offload(cfg: dict, res: dict, state: dict) -> None:
                           stats=model.offload_stats())  # fmt: skip
     if CUDA:
         res["offload"]["memory_allocated_GB"] = torch.cuda.memory_allocated() / 1e9
+        res["offload"]["max_memory_allocated_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        if budget:
+            res["offload"]["within_budget"] = torch.cuda.max_memory_allocated() <= budget
     log(f"offload decode under {budget / GiB if budget else 0:.2f} GiB (0: fixed slots): {n_dec / s:.1f} tok/s")
 
 
 SECTIONS = {"correctness": section_correctness, "ceilings": section_ceilings, "kernels": section_kernels,
-            "model": section_model, "offload": section_offload}  # fmt: skip
+            "model": section_model, "attention": section_attention, "offload": section_offload}  # fmt: skip
 
 
 def environment() -> dict:
@@ -523,6 +650,18 @@ def table(res: dict) -> str:
         lines.append(f"model ({m['config']['num_hidden_layers']} layers, {m['weights_GB']:.1f} GB): prefill "
                      f"{m['prefill_tok_s']:.4g} tok/s ({m['prefill_tokens']} tokens), decode {m['decode_tok_s']:.4g} "
                      f"tok/s ({m['decode_timing']}){peak}")  # fmt: skip
+    if m and m.get("ceiling_tok_s"):
+        lines.append(f"copy-bandwidth ceiling: {m['bytes_per_token'] / 1e9:.3g} GB read per token -> "
+                     f"{m['ceiling_tok_s']:.4g} tok/s; hand-captured step {m.get('decode_pct_ceiling', 0):.0f}% of it")
+    g = res.get("generate")
+    if g and "decode_tok_s" in g:
+        pct = f", {g['pct_ceiling']:.0f}% of the ceiling" if g.get("pct_ceiling") else ""
+        lines.append(f"model.generate() batch 1 (compiled={g['compiled']}): {g['decode_tok_s']:.4g} tok/s{pct}; "
+                     f"first call {g['first_call_s']:.1f} s; tokens equal eager: {g.get('tokens_equal_eager')}")
+    a = res.get("attention")
+    if a:
+        lines.append("attention with SDPA restricted to flash/efficient: " + ", ".join(
+            f"{k} {'ok' if v['ok'] else 'FAILED'}" for k, v in a.items()))
     o = res.get("offload")
     if o:
         lines.append("offload: " + (o["skipped"] if "skipped" in o else
@@ -531,6 +670,7 @@ def table(res: dict) -> str:
     if not res["small"] and k and m:
         goals = [("decode kernels >= 70% of copy", all(r.get("nf4_pct_copy", 0) >= 70 for r in k if r["m"] == 1)),
                  ("decode >= 150 tok/s", m.get("decode_tok_s", 0) >= 150),
+                 ("generate() >= 150 tok/s", (g or {}).get("decode_tok_s", 0) >= 150),
                  ("peak < 27 GB decoding at 4096", m.get("peak_memory_decode_GB", 1e9) < 27),
                  ("peak < 27 GB in a 4096 prefill", m.get("peak_memory_GB", 1e9) < 27)]  # fmt: skip
         lines.append("goals: " + ", ".join(f"{g}: {'met' if ok else 'NOT met'}" for g, ok in goals))

@@ -223,6 +223,7 @@ def _x(*shape, dtype=torch.float32, device=DEVICE):
     (lambda: nf4_matmul(_x(2, 64), _bad_weight(shape=(64, 64))), "w.packed must be uint8 with 2048 bytes"),
     (lambda: nf4_matmul(_x(2, 64), _bad_weight(absmax=_x(32))), "w.absmax must be torch.uint8 with 32 blocks"),
     (lambda: nf4_matmul(_x(2, 64), _bad_weight(quant_map=_x(8))), "quant_map must be float32 [16]"),
+    (lambda: nf4_matmul(_x(2, 64), _bad_weight(offset=0.5)), "w.offset must be a float32 tensor of one element"),
     (lambda: nf4_matmul(_x(2, 64, device="meta"), _nf4(32, 64)), "w.packed is on"),
     (lambda: int8_matmul(_x(2, 64), _int8(32, 64)[0], _x(31)), "scb must be float32 [32]"),
     (lambda: int8_matmul(_x(2, 64), _x(32, 64), _x(32)), "must be an int8 [N, K] tensor"),
@@ -305,3 +306,37 @@ def test_stack_experts_views_equal_strided_buffers():
     wts = torch.full((4, 2), 0.5).to(DEVICE)
     _check(fused_moe(x, ids, wts, experts), ref.fused_moe_ref(x, ids, wts, w1s, w2s, w3s, torch.float64).double(),
            torch.float32)
+
+
+# --- the tuner --------------------------------------------------------------------------------------------------
+
+
+def test_tuner_times_configs_with_do_bench_and_keeps_the_fastest(monkeypatch):
+    from mixtral_quant.kernels import _common
+
+    configs = [_common.KernelConfig(1, bn, 64) for bn in (32, 64, 128)]
+    ms = {32: 3.0, 64: 1.0, 128: 2.0}
+    ran = []
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setenv("MIXQ_TUNE", "1")
+    monkeypatch.setattr(_common.triton.testing, "do_bench", lambda fn, **kw: (fn(), ms[ran[-1].block_n])[1])
+    tuner = _common.Tuner("t")
+    assert tuner.pick("k", configs, ran.append) == configs[1]
+    assert ran == configs
+    assert tuner.pick("k", configs, ran.append) == configs[1] and len(ran) == 3  # remembered: not timed again
+
+
+def test_tuner_raises_the_first_failure_when_no_config_runs(monkeypatch):
+    from mixtral_quant.kernels import _common
+
+    errors = iter([MemoryError("out of resource: shared memory, required 232448"), RuntimeError("later")])
+
+    def launch(cfg):
+        raise next(errors)
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setenv("MIXQ_TUNE", "1")
+    monkeypatch.setattr(_common.triton.testing, "do_bench", lambda fn, **kw: fn())
+    configs = [_common.KernelConfig(1, 32, 64), _common.KernelConfig(1, 64, 64)]
+    with pytest.raises(MemoryError, match="shared memory, required 232448"):
+        _common.Tuner("t").pick("k", configs, launch)

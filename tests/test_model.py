@@ -344,10 +344,28 @@ def test_plain_bf16_hub_checkpoint_loads(tmp_path):
         assert rel_err(model(ids), ref(ids).logits) < RTOL
 
 
+def nf4_decode_by_element(d: dict) -> torch.Tensor:
+    """bitsandbytes' NF4 decode written out element by element (fp32, as its kernels): the oracle of the one
+    vectorised decoder (formats.decode_nf4) that QuantLinear and dequantize_tensor share."""
+    from mixtral_quant.formats import unpack_quant_state
+
+    meta = unpack_quant_state(d["weight." + QUANT_STATE_KEY])
+    n = meta["shape"][0] * meta["shape"][1]
+    packed = d["weight"].reshape(-1).long()
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n]
+    absmax = d["weight.absmax"]
+    if "nested_offset" in meta:
+        nested = d["weight.nested_absmax"].repeat_interleave(meta["nested_blocksize"])[: absmax.numel()]
+        absmax = d["weight.nested_quant_map"][absmax.long()] * nested + torch.tensor(meta["nested_offset"])
+    w = d["weight.quant_map"][codes] * absmax.float().repeat_interleave(meta["blocksize"])[:n]
+    return w.view(meta["shape"])
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("shape", [(96, 64), (512, 512)])  # nested blocks short / whole (4096 blocks = 16 x 256)
+@pytest.mark.parametrize("shape", [(96, 64), (512, 512), (5, 24)])  # nested blocks short / whole; a short block
 def test_quantlinear_decode_equals_formats(shape, double_quant):
-    """QuantLinear's vectorised decode (stacks, selections, views, custom maps) vs formats.dequantize_tensor."""
+    """QuantLinear's vectorised decode (stacks, selections, views, custom maps) and formats.dequantize_tensor vs an
+    element-by-element decode."""
     from mixtral_quant.formats import quantize_tensor
     from mixtral_quant.linear import QuantLinear
 
@@ -357,7 +375,10 @@ def test_quantlinear_decode_equals_formats(shape, double_quant):
     custom = dict(parts[4])
     custom["weight.quant_map"] = custom["weight.quant_map"] * 0.9  # a non-standard table takes the general path
     parts[4] = custom
-    want = torch.stack([dequantize_tensor(p, torch.float32) for p in parts]).view(3, 2, *shape)
+    want = torch.stack([nf4_decode_by_element(p) for p in parts]).view(3, 2, *shape)
+    assert all(torch.equal(dequantize_tensor(p, torch.float32), want.view(6, *shape)[i]) for i, p in enumerate(parts))
+    if shape[0] * shape[1] % 64:  # a short last block: formats only (QuantLinear holds kernel-shaped weights)
+        return
     stack = QuantLinear.from_tensors(parts, (3, 2))
     assert not stack.standard_maps
     assert torch.equal(stack.dequantize(), want)
@@ -369,3 +390,42 @@ def test_quantlinear_decode_equals_formats(shape, double_quant):
     assert torch.equal(single.dequantize(), want[2, 1])
     x = torch.randn(3, shape[1], generator=g)
     torch.testing.assert_close(single(x), x @ want[2, 1].T, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_calls_fit_flash_or_memory_efficient_kernels(tmp_path, monkeypatch):
+    """Every SDPA call of a resident bf16 model (prompt, decode, left padding, a window inside the prompt) is one
+    CUDA's flash kernel (no mask) or memory-efficient kernel (no grouped heads) accepts, not only the math fallback
+    that materialises the scores in fp32; and the CPU runs them all with SDPA restricted to flash/efficient.
+    The GPU's own verdict is evals/gpu_check.py's attention section."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import mixtral_quant.model as model_mod
+
+    path = packed(tmp_path, "nf4", {"sliding_window": 8, "num_attention_heads": 8, "num_key_value_heads": 2})
+    model = load_quantized(path, device="cpu", dtype=torch.bfloat16, tokenizer=False)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), mask=attn_mask is not None, causal=is_causal,
+                          gqa=enable_gqa, dtype=q.dtype))  # fmt: skip
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", recording)
+    g = torch.Generator().manual_seed(7)
+    ids, mask = left_pad([torch.randint(3, 256, (n,), generator=g).tolist() for n in (6, 4)])
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out = model.generate(ids[:1], 5, eos=[])  # prompt from position 0: causal, no mask; then decode steps
+        padded = model.generate(ids, 5, attention_mask=mask, eos=[])  # a mask: padding
+        model.generate(torch.randint(3, 256, (1, 12), generator=g), 2, eos=[])  # the window bites inside the prompt
+    kinds = set()
+    for c in calls:
+        flash = not c["mask"] and c["dtype"] in (torch.bfloat16, torch.float16)
+        efficient = not c["gqa"] and c["q"][1] == c["k"][1]
+        assert flash or efficient, f"only the math kernel takes {c}"
+        kinds.add("causal" if c["causal"] else "decode" if c["q"][2] == 8 // 2 else "masked")
+    assert kinds == {"causal", "decode", "masked"}
+    assert [c for c in calls if c["causal"]][0]["k"][2] == 6  # a prompt attends over its own keys, not the cache
+    # the same tokens as the unrestricted (math-capable) path
+    monkeypatch.undo()
+    assert torch.equal(out, model.generate(ids[:1], 5, eos=[]))
+    assert torch.equal(padded, model.generate(ids, 5, attention_mask=mask, eos=[]))
