@@ -132,7 +132,7 @@ def generate(path, prompt, max_new_tokens, temperature, top_p, top_k, seed, devi
     decode_s = total - (first - t0)
     tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
     compile_s = None
-    if compiled and len(times) > 2:  # token 1 is the eager warm-up step, token 2 compiles: time the steps after it
+    if compiled and len(times) > 2:  # token 0: the prompt; 1: the eager warm-up step; 2 compiles: time the rest
         compile_s = times[2] - times[1]
         tps = (n - 3) / (total - (times[2] - t0)) if n > 3 else float("nan")
     if as_json:

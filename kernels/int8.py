@@ -100,7 +100,8 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> tor
     """
     check_int8_weight(weight, scb)
     check_int8_args(x, weight, scb)
-    return _int8_matmul_op(x, weight, scb)
+    # traced: the one opaque operator (its fake gives the shape); eager: the launches directly, no dispatcher trip
+    return _int8_matmul_op(x, weight, scb) if torch.compiler.is_compiling() else _int8_matmul_eager(x, weight, scb)
 
 
 def check_int8_args(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> None:
@@ -110,8 +111,7 @@ def check_int8_args(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) ->
     check_device(x, {"weight": weight, "scb": scb})
 
 
-@torch.library.custom_op("mixq::int8_matmul", mutates_args=())
-def _int8_matmul_op(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+def _int8_matmul_impl(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     """int8_matmul's launches; the tuner runs here, eagerly, never inside a traced graph."""
     n, k = weight.shape
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
@@ -124,6 +124,11 @@ def _int8_matmul_op(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) ->
         cfg = _TUNER.pick(key, configs, lambda c: _launch(x2, weight, scb, out2, c, max_bk))
         _launch(x2, weight, scb, out2, cfg, max_bk)
     return out
+
+
+_int8_matmul_op = torch.library.custom_op("mixq::int8_matmul", _int8_matmul_impl, mutates_args=())
+# the eager path: never traced (dynamo also sees frames run eagerly around a graph break; a trace must meet the op)
+_int8_matmul_eager = torch.compiler.disable(_int8_matmul_impl)
 
 
 @_int8_matmul_op.register_fake

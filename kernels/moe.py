@@ -336,9 +336,11 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     check_moe_args(x, topk_ids, topk_weights, experts)
     nf4 = experts.fmt == "nf4"
     q = experts.w1 if nf4 else None
-    return _fused_moe_op(x, topk_ids, topk_weights, _tensors(experts.w1), _tensors(experts.w3), _tensors(experts.w2),
-                         experts.hidden, experts.intermediate, nf4, q.blocksize if nf4 else 64,
-                         q.nested_blocksize if nf4 else 256, q.double_quant if nf4 else False)  # fmt: skip
+    args = (x, topk_ids, topk_weights, _tensors(experts.w1), _tensors(experts.w3), _tensors(experts.w2),
+            experts.hidden, experts.intermediate, nf4, q.blocksize if nf4 else 64, q.nested_blocksize if nf4 else 256,
+            q.double_quant if nf4 else False)  # fmt: skip
+    # traced: the one opaque operator (its fake gives the shape); eager: the launches directly, no dispatcher trip
+    return _fused_moe_op(*args) if torch.compiler.is_compiling() else _fused_moe_eager(*args)
 
 
 def check_moe_args(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -381,8 +383,7 @@ def _experts(w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tens
                           intermediate=intermediate)  # fmt: skip
 
 
-@torch.library.custom_op("mixq::fused_moe", mutates_args=())
-def _fused_moe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: list[torch.Tensor],
+def _fused_moe_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: list[torch.Tensor],
                   w3: list[torch.Tensor], w2: list[torch.Tensor], hidden: int, intermediate: int, nf4: bool,
                   blocksize: int, nested_blocksize: int, double_quant: bool) -> torch.Tensor:  # fmt: skip
     """fused_moe's launches; the tuner runs here, eagerly, never inside a traced graph."""
@@ -399,6 +400,11 @@ def _fused_moe_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     run.w13(cfg13)
     cfg2 = _TUNER.pick(("w2", *key), clamp_block_k(w2_configs(block_m), _max_block_k(experts.w2, f)), run.w2)
     return sum_rows(run.w2(cfg2), out)
+
+
+_fused_moe_op = torch.library.custom_op("mixq::fused_moe", _fused_moe_impl, mutates_args=())
+# the eager path: never traced (dynamo also sees frames run eagerly around a graph break; a trace must meet the op)
+_fused_moe_eager = torch.compiler.disable(_fused_moe_impl)
 
 
 @_fused_moe_op.register_fake

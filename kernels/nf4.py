@@ -169,8 +169,10 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """
     check_nf4_weight(w)
     check_nf4_args(x, w)
-    return _nf4_matmul_op(x, w.packed, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map, w.offset,
-                          w.shape[0], w.shape[1], w.blocksize, w.nested_blocksize)  # fmt: skip
+    args = (x, w.packed, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map, w.offset, w.shape[0], w.shape[1],
+            w.blocksize, w.nested_blocksize)  # fmt: skip
+    # traced: the one opaque operator (its fake gives the shape); eager: the launches directly, no dispatcher trip
+    return _nf4_matmul_op(*args) if torch.compiler.is_compiling() else _nf4_matmul_eager(*args)
 
 
 def check_nf4_args(x: torch.Tensor, w: NF4Weight) -> None:
@@ -187,8 +189,7 @@ def _weight(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, 
                      nested_blocksize=nested_blocksize, dtype=torch.float32)  # fmt: skip
 
 
-@torch.library.custom_op("mixq::nf4_matmul", mutates_args=())
-def _nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
+def _nf4_matmul_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
                    nested_absmax: torch.Tensor | None, nested_quant_map: torch.Tensor | None, offset: torch.Tensor,
                    n: int, k: int, blocksize: int, nested_blocksize: int) -> torch.Tensor:  # fmt: skip
     """nf4_matmul's launches; the tuner runs here, eagerly, never inside a traced graph."""
@@ -202,6 +203,11 @@ def _nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
         cfg = _TUNER.pick(key, clamp_block_k(configs_for(m), max_bk), lambda c: _launch(x2, w, out2, c, max_bk))
         _launch(x2, w, out2, cfg, max_bk)
     return out
+
+
+_nf4_matmul_op = torch.library.custom_op("mixq::nf4_matmul", _nf4_matmul_impl, mutates_args=())
+# the eager path: never traced (dynamo also sees frames run eagerly around a graph break; a trace must meet the op)
+_nf4_matmul_eager = torch.compiler.disable(_nf4_matmul_impl)
 
 
 @_nf4_matmul_op.register_fake

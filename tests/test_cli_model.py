@@ -132,3 +132,31 @@ def test_bad_inputs_are_one_line(ckpt, args, code, msg):
     assert msg.format(d=d) in r.stderr
     if code == 1:
         assert r.stderr.count("\n") == 1 and r.stdout == ""
+
+
+def test_generate_compile_flags(ckpt, model, monkeypatch):
+    """--compile decodes through generate.compile_decode (here a stand-in for torch.compile that counts its steps);
+    --no-compile and the CPU's default do not; the tokens are the same either way."""
+    from mixtral_quant import generate as gen
+
+    steps = []
+
+    def counting_compile(fn, **kw):
+        def compiled(*a, **k):
+            steps.append(1)
+            return fn(*a, **k)
+
+        return compiled
+
+    monkeypatch.setattr(gen.torch, "compile", counting_compile)
+    outs = {}
+    for flag in ("--compile", "--no-compile", None):
+        steps.clear()
+        r = run("generate", ckpt[1], "-p", "Hello there", "-n", 6, "--json", *([flag] if flag else []))
+        assert r.exit_code == 0, r.output
+        outs[flag] = json.loads(r.stdout)
+        n = outs[flag]["new_tokens"]  # 1 from the prompt, n - 1 decode steps: the first eager, the rest compiled
+        assert len(steps) == (max(n - 2, 0) if flag == "--compile" else 0)
+    assert outs["--compile"]["tokens"] == outs["--no-compile"]["tokens"] == outs[None]["tokens"]
+    assert ("compile_seconds" in outs["--compile"]) == (outs["--compile"]["new_tokens"] > 2)
+    assert "compile_seconds" not in outs["--no-compile"]

@@ -199,6 +199,17 @@ def test_moe_align_sorts_and_pads():
         assert (run.diff() > 0).all()  # in token order
 
 
+def test_moe_align_length_depends_on_shapes_only():
+    """The routing buffers' sizes come from T, A, E and BLOCK_M alone (nothing sized from data, so a step can be
+    captured in a CUDA graph): every token on one expert and tokens spread over all experts give the same length."""
+    g = _gen()
+    t, a, n_exp, block_m = 7, 2, 8, 4
+    spread = torch.stack([torch.randperm(n_exp, generator=g)[:a] for _ in range(t)])
+    one = torch.tensor([[3, 5]] * t)
+    shapes = {tuple(x.shape for x in moe_align(ids, n_exp, block_m)) for ids in (spread, one)}
+    assert len(shapes) == 1
+
+
 # --- the wrappers' messages ---------------------------------------------------------------------------------
 
 
