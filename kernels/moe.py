@@ -337,7 +337,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     nf4 = experts.fmt == "nf4"
     q = experts.w1 if nf4 else None
     args = (x, topk_ids, topk_weights, _tensors(experts.w1), _tensors(experts.w3), _tensors(experts.w2),
-            experts.hidden, experts.intermediate, nf4, q.blocksize if nf4 else 64, q.nested_blocksize if nf4 else 256,
+            experts.num_experts, experts.hidden, experts.intermediate, nf4, q.blocksize if nf4 else 64, q.nested_blocksize if nf4 else 256,
             q.double_quant if nf4 else False)  # fmt: skip
     # traced: the one opaque operator (its fake gives the shape); eager: the launches directly, no dispatcher trip
     return _fused_moe_op(*args) if torch.compiler.is_compiling() else _fused_moe_eager(*args)
@@ -368,8 +368,9 @@ def _tensors(w: StackedNF4 | StackedInt8) -> list[torch.Tensor]:
     return [w.weight, w.scb]
 
 
-def _experts(w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor], hidden: int, intermediate: int,
-             nf4: bool, blocksize: int, nested_blocksize: int, double_quant: bool) -> StackedExperts:  # fmt: skip
+def _experts(w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tensor], num_experts: int, hidden: int,
+             intermediate: int, nf4: bool, blocksize: int, nested_blocksize: int,
+             double_quant: bool) -> StackedExperts:  # fmt: skip
     """The StackedExperts again from the operator's flat arguments."""
 
     def one(ts: list[torch.Tensor], shape: tuple[int, int]) -> StackedNF4 | StackedInt8:
@@ -379,15 +380,15 @@ def _experts(w1: list[torch.Tensor], w3: list[torch.Tensor], w2: list[torch.Tens
         return StackedInt8(*ts, shape=shape)
 
     return StackedExperts(w1=one(w1, (intermediate, hidden)), w3=one(w3, (intermediate, hidden)),
-                          w2=one(w2, (hidden, intermediate)), num_experts=w1[0].shape[0], hidden=hidden,
+                          w2=one(w2, (hidden, intermediate)), num_experts=num_experts, hidden=hidden,
                           intermediate=intermediate)  # fmt: skip
 
 
 def _fused_moe_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: list[torch.Tensor],
-                  w3: list[torch.Tensor], w2: list[torch.Tensor], hidden: int, intermediate: int, nf4: bool,
-                  blocksize: int, nested_blocksize: int, double_quant: bool) -> torch.Tensor:  # fmt: skip
+                    w3: list[torch.Tensor], w2: list[torch.Tensor], num_experts: int, hidden: int, intermediate: int,
+                    nf4: bool, blocksize: int, nested_blocksize: int, double_quant: bool) -> torch.Tensor:  # fmt: skip
     """fused_moe's launches; the tuner runs here, eagerly, never inside a traced graph."""
-    experts = _experts(w1, w3, w2, hidden, intermediate, nf4, blocksize, nested_blocksize, double_quant)
+    experts = _experts(w1, w3, w2, num_experts, hidden, intermediate, nf4, blocksize, nested_blocksize, double_quant)
     d, f, n_exp = experts.hidden, experts.intermediate, experts.num_experts
     t, top_k = topk_ids.shape
     out = torch.empty_like(x)
@@ -408,10 +409,10 @@ _fused_moe_eager = torch.compiler.disable(_fused_moe_impl)
 
 
 @_fused_moe_op.register_fake
-def _fused_moe_fake(x, topk_ids, topk_weights, w1, w3, w2, hidden, intermediate, nf4, blocksize, nested_blocksize,
-                    double_quant):  # fmt: skip
-    check_moe_args(x, topk_ids, topk_weights,
-                   _experts(w1, w3, w2, hidden, intermediate, nf4, blocksize, nested_blocksize, double_quant))
+def _fused_moe_fake(x, topk_ids, topk_weights, w1, w3, w2, num_experts, hidden, intermediate, nf4, blocksize,
+                    nested_blocksize, double_quant):  # fmt: skip
+    check_moe_args(x, topk_ids, topk_weights, _experts(w1, w3, w2, num_experts, hidden, intermediate, nf4, blocksize,
+                                                       nested_blocksize, double_quant))  # fmt: skip
     return torch.empty_like(x)
 
 
