@@ -163,12 +163,20 @@ def kv_cache_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1,
     return batch * context * per_token
 
 
-def attention_workspace_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1) -> int:
-    """What one attention call of a full-context prefill allocates: today's SDPA call passes a boolean mask and
-    grouped heads, which leaves the math backend: fp32 scores and softmax [B, H, S, L] and the mask [B, 1, S, L].
-    (To be cut to what the flash / memory-efficient kernels allocate once the call can use them.)"""
-    positions = batch * context * context
-    return positions * (2 * 4 * config.num_attention_heads + 1)
+def attention_workspace_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1,
+                              dtype: torch.dtype = torch.bfloat16) -> int:  # fmt: skip
+    """What model.attend allocates in one attention call of a full-context prefill (S = L = context), beyond q, k,
+    v and its output. One prompt with no window shorter than it runs causal with no mask (flash): one fp32
+    log-sum-exp per query row, and in fp32 K/V expanded to every query head (for the memory-efficient kernel). A
+    batch (left padding) or a window inside the context passes a mask (memory-efficient): the boolean mask
+    [B, 1, S, L] (built once per forward), its additive copy in the activations' dtype, K/V expanded to H heads."""
+    H, K, hd, S = config.num_attention_heads, config.num_key_value_heads, config.head_dim, context
+    lse = batch * H * S * 4
+    expand = 2 * batch * H * S * hd * dtype.itemsize if K != H else 0  # [B, H, L, hd] keys and values, L = S
+    window = bool(config.sliding_window) and context > config.sliding_window
+    if batch == 1 and not window:
+        return lse + (expand if dtype == torch.float32 else 0)
+    return lse + expand + batch * S * S * (1 + dtype.itemsize)
 
 
 def workspace_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1, *,
@@ -186,7 +194,7 @@ def workspace_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1, 
     activations = tokens * (3 * D + q + 2 * F) * dtype.itemsize
     logits = (tokens if workload == "eval" else batch) * V * 4
     cuda = CUDA_CONTEXT_BYTES if device_type == "cuda" else 0
-    return cuda + dequant + activations + logits + attention_workspace_bytes(config, context, batch)
+    return cuda + dequant + activations + logits + attention_workspace_bytes(config, context, batch, dtype)
 
 
 # ---- placement -----------------------------------------------------------------------------------------------

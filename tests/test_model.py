@@ -429,3 +429,53 @@ def test_attention_calls_fit_flash_or_memory_efficient_kernels(tmp_path, monkeyp
     monkeypatch.undo()
     assert torch.equal(out, model.generate(ids[:1], 5, eos=[]))
     assert torch.equal(padded, model.generate(ids, 5, attention_mask=mask, eos=[]))
+
+
+class _NewStorages(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the storages that ops create while active (views of existing storages not counted)."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.seen = {t.untyped_storage().data_ptr() for t in existing}
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                self.seen.add(t.untyped_storage().data_ptr())
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("batch,dtype,window", [(1, torch.bfloat16, None), (1, torch.float32, None),
+                                                (2, torch.bfloat16, None), (1, torch.bfloat16, 16)])  # fmt: skip
+def test_memory_model_counts_what_attention_allocates(batch, dtype, window):
+    """memory.attention_workspace_bytes against the storages model.attend creates in a full-context prefill (a
+    prompt from position 0; a batch is left-padded; a window shorter than the prompt), plus the boolean mask the
+    context holds. On the CPU SDPA runs flash for all of them (its internal blocks aside); the CUDA kernels take
+    the same inputs and return the same output and log-sum-exp."""
+    import torch.utils._python_dispatch  # noqa: F401
+
+    from mixtral_quant import memory
+    from mixtral_quant.config import MixtralConfig
+    from mixtral_quant.model import attend
+
+    cfg = MixtralConfig.from_dict({"model_type": "mixtral", **SMALL, "num_attention_heads": 8, "num_key_value_heads": 2,
+                                   "hidden_size": 128, "sliding_window": window, "vocab_size": 256})  # fmt: skip
+    S, H, K, hd = 64, 8, 2, cfg.head_dim
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(batch, H, S, hd, generator=g).to(dtype)
+    k, v = (torch.randn(batch, K, S, hd, generator=g).to(dtype) for _ in range(2))
+    am = None
+    if batch > 1:
+        am = torch.ones(batch, S, dtype=torch.long)
+        am[1, : S // 3] = 0
+    ctx = make_context(cfg, torch.arange(S), kv_len=S, attention_mask=am, dtype=dtype, from_start=True)
+    mask_bytes = 0 if ctx.mask is None else ctx.mask.numel()
+    with _NewStorages([q, k, v, ctx.cos, ctx.sin] + ([ctx.mask] if ctx.mask is not None else [])) as m:
+        y = attend(q, k, v, ctx)
+    allocated = m.bytes - y.untyped_storage().nbytes() + mask_bytes
+    want = memory.attention_workspace_bytes(cfg, S, batch, dtype)
+    assert want <= allocated <= want + 2 * dtype.itemsize, (allocated, want)  # + SDPA's two 0-d fill values
+    assert (ctx.mask is None) == (batch == 1 and window is None)
