@@ -103,6 +103,13 @@ class QuantLinear(nn.Module):
             for m in metas[1:]:  # equal sizes suffice (w1 [F, D] and w2 [D, F] share a stack; see narrow_lead)
                 if (m["shape"][0] * m["shape"][1], m["blocksize"], "nested_offset" in m) != (numel, meta["blocksize"], double):
                     raise ValueError(f"{name}: stacked nf4 weights disagree in size or blocksize")
+            bad = next((m["shape"] for m in metas if m["shape"][1] % m["blocksize"]), None)
+            if backend == "bnb" and torch.device(device).type == "cpu" and bad is not None:
+                # bitsandbytes 0.50's CPU dequantize_4bit (its AVX512 path) decodes a block that spans two rows
+                # wrongly (tests/test_formats.py shows it on its own bytes); Mixtral's rows are all whole blocks
+                raise ValueError(f"{name}: backend 'bnb' on the CPU needs rows that are whole {meta['blocksize']}-blocks "
+                                 f"(bitsandbytes' CPU kernel misdecodes the others), this weight is {tuple(bad)}; "
+                                 "use backend='torch'")  # fmt: skip
             mod = cls("nf4", out_f, in_f, lead, meta["blocksize"], double, getattr(torch, meta["dtype"]),
                       backend, compute_dtype)  # fmt: skip
         else:

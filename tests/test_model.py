@@ -231,14 +231,22 @@ def test_triton_backend_dispatches_to_the_kernels(nf4_dir, monkeypatch):
     assert (64, 64) in calls and (96, 64) in calls and (64, 96) in calls  # attention, w1/w3, w2
 
 
-def test_bnb_backend_matches_torch(nf4_dir):
+def test_bnb_backend_matches_torch(tmp_path):
+    """Rows of whole 64-blocks (intermediate 128): bitsandbytes' CPU kernel misdecodes blocks spanning rows."""
     pytest.importorskip("bitsandbytes")
-    path = nf4_dir
+    path = packed(tmp_path, "nf4", {"intermediate_size": 128})
     ref = load_quantized(path, device="cpu", tokenizer=False)
     bnb = load_quantized(path, device="cpu", backend="bnb", tokenizer=False)
     ids = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
         assert rel_err(bnb(ids), ref(ids)) < 1e-5
+
+
+def test_bnb_backend_refuses_rows_of_partial_blocks_on_the_cpu(nf4_dir):
+    """nf4_dir's w2 is [64, 96]: its 64-blocks span rows, which bitsandbytes' CPU kernel decodes wrongly."""
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(ValueError, match=r"w1/w3/w2: backend 'bnb' on the CPU needs rows that are whole 64-blocks.*\(64, 96\).*backend='torch'"):
+        load_quantized(nf4_dir, device="cpu", backend="bnb", tokenizer=False)
 
 
 def test_max_memory_accepted(nf4_dir):
