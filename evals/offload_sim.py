@@ -172,12 +172,13 @@ def speculation_recall(trace: list[dict]) -> float:
 
 
 # ---- projection ----------------------------------------------------------------------------------------------
-def mixtral_numbers(context: int, kv_tokens: int) -> dict:
-    """Mixtral-8x7B with NF4 attention and experts by the memory model (mixtral_quant.memory, bf16 on CUDA)."""
+def mixtral_numbers(context: int, kv_tokens: int, name: str = "Mixtral-8x7B-v0.1") -> dict:
+    """A known Mixtral config (8x7B by default; evals/plan_8x22b.py asks for 8x22B) with NF4 attention and experts
+    by the memory model (mixtral_quant.memory, bf16 on CUDA)."""
     from mixtral_quant import memory
     from mixtral_quant.config import MixtralConfig
 
-    c = MixtralConfig.from_name("Mixtral-8x7B-v0.1")
+    c = MixtralConfig.from_name(name)
     fp = memory.footprint(c, {"attention": "nf4", "experts": "nf4"})
     nbytes = fp.class_bytes
     # read per token: every non-expert weight except the embedding table (one row), the active experts, the KV cache

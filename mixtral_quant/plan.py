@@ -100,10 +100,11 @@ def plan_memory(config: MixtralConfig, *, experts: str = "nf4", attention: str =
                "experts_per_layer_on_device": E, "experts_per_layer_on_host": 0, "slots_per_layer": [E] * L,
                "host_bytes": 0, "device_bytes": total}  # fmt: skip
     if budget is not None and not fits:
+        # host: an offloaded layer keeps all E experts in host rows of one slot each (offload/host.py)
         on_device = min(p.slots)
         offload.update(needed=True, possible=budget >= p.minimum_bytes, experts_per_layer_on_device=on_device,
                        experts_per_layer_on_host=E - on_device, slots_per_layer=p.slots,
-                       host_bytes=sum(E - k for k in p.slots) * fp.expert_bytes,
+                       host_bytes=sum(k < E for k in p.slots) * E * fp.slot_bytes,
                        device_bytes=p.device_bytes + p.workspace_bytes)  # fmt: skip
     return Plan(weights_bytes=weights, class_bytes=fp.class_bytes, class_params=fp.class_params,
                 kv_cache_bytes=p.kv_cache_bytes, workspace_bytes=p.workspace_bytes, total_bytes=total,

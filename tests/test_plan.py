@@ -54,7 +54,7 @@ def test_fits_and_offload_split():
     ks = o["slots_per_layer"]
     assert len(ks) == 32 and min(ks) == o["experts_per_layer_on_device"] and max(ks) - min(ks) <= 1
     assert ks == sorted(ks, reverse=True)  # the remainder goes to the lowest layers
-    assert o["host_bytes"] == sum(8 - k for k in ks) * one
+    assert o["host_bytes"] == sum(k < 8 for k in ks) * 8 * o["slot_bytes"]  # an offloaded layer: all 8 in host rows
     assert o["device_bytes"] <= 24e9 < o["device_bytes"] + o["slot_bytes"]  # one more slot would not fit
     assert o["resident_bytes"] == resident_bytes(M8x7)
     tiny_gpu = plan_memory(M8x7, gpu_memory="2GB")

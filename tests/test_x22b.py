@@ -143,3 +143,43 @@ def test_a_versioned_tokenizer_file_travels_with_the_checkpoint(tmp_path):
     tok = load_quantized(str(tmp_path / "nf4"), device="cpu").tokenizer
     assert (os.path.basename(tok.model_file), tok.version) == ("tokenizer.model.v3", "v3")
     assert not os.path.exists(tmp_path / "nf4" / "tokenizer.model")
+
+
+def test_mixq_plan_40gb_reports_the_loaders_split(tmp_path):
+    """`mixq plan Mixtral-8x22B-v0.1 --gpu-memory 40GB --json` against the placement load_quantized(max_memory=40GB)
+    computes on CUDA for an 8x22B NF4 checkpoint that exists only as headers (sparse files: nothing allocated)."""
+    import json
+
+    from test_plan import header_only_checkpoint
+
+    from mixtral_quant.checkpoint import CheckpointReader
+    from mixtral_quant.loader import placement_for
+
+    r = CliRunner().invoke(cli, ["plan", "Mixtral-8x22B-v0.1", "--gpu-memory", "40GB", "--json"])
+    assert r.exit_code == 0, r.output
+    o = json.loads(r.stdout)["offload"]
+    path = header_only_checkpoint(tmp_path / "8x22b", BIG, {"experts": "nf4", "attention": "nf4"})
+    with CheckpointReader(path) as reader:
+        pl = placement_for(reader, torch.device("cuda"), torch.bfloat16, 40 * 10**9, context=4096)
+    assert o["needed"] and o["possible"] and pl.offloaded
+    assert o["slots_per_layer"] == pl.slots and 2 < min(pl.slots) < 8
+    assert o["device_bytes"] == pl.device_bytes + pl.workspace_bytes <= 40 * 10**9
+    assert o["host_bytes"] == sum(k < 8 for k in pl.slots) * 8 * pl.slot_bytes
+
+
+def test_plan_host_bytes_are_the_runtimes_host_rows(ckpt):
+    """What the offloaded layers hold in host rows (offload_model, as on CUDA) is the plan's host_bytes."""
+    from mixtral_quant.offload import CachedExperts, offload_model
+    from mixtral_quant.plan import plan_memory
+
+    p0 = load_quantized(ckpt[1], device="cpu", tokenizer=False, max_memory=2**40).expert_placement  # all resident
+    L = X22B["num_hidden_layers"]
+    for n in (2 * L, 3 * L + 1):  # 2 slots per layer; 3 and one layer with 4
+        budget = p0.fixed_bytes + L * p0.table_bytes + n * p0.slot_bytes
+        model = load_quantized(ckpt[1], device="cpu", tokenizer=False)
+        p = offload_model(model, max_memory=budget)
+        stores = [layer.block_sparse_moe.experts for layer in model.layers]
+        host = sum(s.host.numel() for s in stores if isinstance(s, CachedExperts))
+        o = plan_memory(model.config, gpu_memory=budget, dtype=torch.float32, device_type="cpu").offload
+        assert o["slots_per_layer"] == p.slots and sum(p.slots) == n, n
+        assert o["host_bytes"] == host == L * 8 * p.slot_bytes, n
