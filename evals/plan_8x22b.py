@@ -37,7 +37,6 @@ def gb(n: int) -> str:
 
 
 def rows(trace: list[dict], kv_tokens: int) -> list[dict]:
-    from mixtral_quant import memory
     from mixtral_quant.config import MixtralConfig
     from mixtral_quant.devices import parse_size
     from mixtral_quant.plan import plan_memory
@@ -62,7 +61,7 @@ def rows(trace: list[dict], kv_tokens: int) -> list[dict]:
                        possible=o["possible"], total_bytes=p.total_bytes, kv_cache_bytes=p.kv_cache_bytes,
                        device_bytes=o["device_bytes"], host_bytes=o["host_bytes"],
                        minimum_bytes=o["minimum_bytes"], slots_per_layer=slots,
-                       attention_workspace_bytes=memory.attention_workspace_bytes(config, context))  # fmt: skip
+                       workspace_bytes=p.workspace_bytes)  # fmt: skip
             for pol in POLICIES:
                 row[pol] = None if slots is None else offload_sim.project(results, pol, slots, m, h2d, bw)
             out.append(row)
@@ -102,7 +101,7 @@ def table_lines(table: list[dict]) -> list[str]:
            "| lru tok/s | lru+prefetch tok/s | card assumed |", "|--:|--:|---|---|--:|--:|--:|--:|---|"]
     for r in table:
         fits = "yes" if r["fits"] else "offload" if r["possible"] else \
-            f"no: needs {gb(r['minimum_bytes'])}, {gb(r['attention_workspace_bytes'])} of it attention scores"
+            f"no: needs {gb(r['minimum_bytes'])} (KV cache {gb(r['kv_cache_bytes'])})"
         tps = [f"{r[p]:.1f}" if r[p] is not None else "-" for p in POLICIES]
         out.append(f"| {r['context']} | {r['gpu_memory']} | {fits} | {slots_str(r['slots_per_layer'])} of 8 "
                    f"| {gb(r['device_bytes']) if r['possible'] else '-'} "
