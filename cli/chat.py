@@ -39,6 +39,8 @@ def chat(path, max_new_tokens, system, temperature, top_p, top_k, seed, device, 
     tok = model.tokenizer
     interactive = sys.stdin.isatty()
     limit = model.config.max_position_embeddings
+    if model.expert_placement is not None:  # under --max-memory: the KV cache reserved, not the model's maximum
+        limit = min(limit, model.expert_placement.context)
     if interactive:
         click.echo(f"loaded {path} in {load_s:.1f} s on {model.device}; Ctrl-C stops an answer, /reset starts over, "
                    "/exit to quit", err=True)  # fmt: skip

@@ -54,7 +54,8 @@ def serve(path, host, port, api_key, model_name, max_batch, max_queue, context, 
           backend, max_memory):  # fmt: skip
     """Serve the model at PATH with the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-    Requests that arrive together are decoded together in one batch (up to --max-batch); point any OpenAI client
+    Requests are decoded together (up to --max-batch rows; a request joins a running batch at its next step when a
+    row is free, later ones queue up to --max-queue); point any OpenAI client
     at http://HOST:PORT/v1 (OPENAI_BASE_URL). Needs the serve extra: pip install 'mixtral-quant[serve]'.
 
     \b

@@ -200,22 +200,15 @@ class CheckpointReader:
 
     def _int4_module(self, prefix: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A compressed-tensors int4 linear, repacked once into the NF4 layout the model and kernels run."""
-        unsupported = [k for k in ("weight_zero_point", "weight_g_idx") if k in t]
-        if "weight_g_idx" in t and "weight_scale" in t:  # GPTQ's group index: fine when it is the plain grouping
+        check_int4_keys(self.path, prefix, set(t))  # zero points, missing tensors
+        if "weight_g_idx" in t:  # GPTQ's group index: fine when it is the plain grouping
             g_idx, (rows, groups) = t["weight_g_idx"], t["weight_scale"].shape
             plain = torch.arange(g_idx.numel(), device=g_idx.device) // max(g_idx.numel() // groups, 1)
-            if g_idx.dim() == 1 and g_idx.numel() % groups == 0 and torch.equal(g_idx.long(), plain):
-                unsupported.remove("weight_g_idx")
-                del t["weight_g_idx"]
-        for extra in unsupported:
-            what = ("asymmetric int4 (zero points)" if extra == "weight_zero_point"
-                    else "activation-ordered groups (a permuted weight_g_idx)")  # fmt: skip
-            raise CheckpointError(f"{self.path}: {prefix}.{extra}: {what} is not supported; supported: "
-                                  "W4A16 pack-quantized, symmetric, strategy group")  # fmt: skip
-        for k in formats.INT4_KEYS:
-            if k not in t:
-                raise CheckpointError(f"{self.path}: tensor {prefix}.{k!r} is missing (an int4 weight needs "
-                                      f"{', '.join(formats.INT4_KEYS)}); re-quantize or re-download the checkpoint")
+            if not (g_idx.dim() == 1 and g_idx.numel() % groups == 0 and torch.equal(g_idx.long(), plain)):
+                raise CheckpointError(f"{self.path}: {prefix}.weight_g_idx: activation-ordered groups (a permuted "
+                                      "weight_g_idx) is not supported; supported: W4A16 pack-quantized, symmetric, "
+                                      "strategy group")  # fmt: skip
+            del t["weight_g_idx"]
         try:
             d = formats.int4_as_nf4(t, prefix)
         except (ValueError, KeyError) as e:

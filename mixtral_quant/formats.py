@@ -59,6 +59,15 @@ NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 INT4_KEYS = ("weight_packed", "weight_scale", "weight_shape")
+# checkpoint key (relative to the module) -> the loaded module's buffer name (buffer names cannot contain dots)
+NF4_KEYS = {
+    "weight": "weight",
+    "weight.absmax": "absmax",
+    "weight.quant_map": "quant_map",
+    "weight.nested_absmax": "nested_absmax",
+    "weight.nested_quant_map": "nested_quant_map",
+}
+INT8_KEYS = {"weight": "weight", "SCB": "SCB"}
 INT4_GROUP_SIZE = 128
 # Groups run as NF4 absmax blocks in the kernels, whose K tiles need a power-of-two block.
 INT4_GROUP_SIZES = NF4_BLOCKSIZES

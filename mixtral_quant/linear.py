@@ -10,19 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formats import NESTED_BLOCKSIZE, NF4_CODE, QUANT_STATE_KEY, NF4Weight, decode_nf4, nf4_table, unpack_quant_state
+from .formats import (INT8_KEYS, NESTED_BLOCKSIZE, NF4_CODE, NF4_KEYS, QUANT_STATE_KEY, NF4Weight, decode_nf4, nf4_table,
+                      unpack_quant_state)
 
 BACKENDS = ("auto", "torch", "triton", "bnb")
-
-# checkpoint key (relative to the module) -> buffer name (buffer names cannot contain dots)
-NF4_KEYS = {
-    "weight": "weight",
-    "weight.absmax": "absmax",
-    "weight.quant_map": "quant_map",
-    "weight.nested_absmax": "nested_absmax",
-    "weight.nested_quant_map": "nested_quant_map",
-}
-INT8_KEYS = {"weight": "weight", "SCB": "SCB"}
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:

@@ -181,6 +181,8 @@ def load_quantized(path_or_repo_id: str, device: str | torch.device = "auto", dt
                              "use backend 'auto', 'torch' or 'triton'")
         dt = resolve_dtype(dtype, dev, reader)
         # expert offloading: the budget is checked against the headers before anything is allocated
+        if context is not None:  # no run uses more positions than the model has (chat and the server cap there)
+            context = min(context, reader.config.max_position_embeddings)
         placement = None if budget is None else placement_for(reader, dev, dt, budget, context=context, batch=batch)
         model = load_shell(reader, device=dev, dtype=dt)
         n = reader.config.num_hidden_layers

@@ -132,7 +132,7 @@ def footprint_from_checkpoint(reader, dtype: torch.dtype) -> Footprint:
 def _module_buffers(reader, prefix: str, keys: list[str], dtype: torch.dtype) -> dict[str, int]:
     """One module's device buffers from its header entries: what QuantLinear keeps of a packed weight (linear's
     NF4_KEYS / INT8_KEYS, + the float32 offset of nf4), an int4 weight as its nf4 repack, else the weight in dtype."""
-    from .linear import INT8_KEYS, NF4_KEYS
+    from .formats import INT8_KEYS, NF4_KEYS
 
     rels = {k[len(prefix) + 1:]: k for k in keys}
     if "weight_packed" in rels:  # compressed-tensors int4, repacked at load: fp32 group scales, a code table

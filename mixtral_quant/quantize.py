@@ -41,13 +41,16 @@ class QuantizeResult:
 
 def int4_ignore(config, fmts: dict[str, str]) -> list[str]:
     """The linears a compressed-tensors int4 checkpoint leaves unquantized, by full module name: lm_head, every
-    router, and the attention projections when attention is not int4."""
+    router, the attention projections when attention is not int4 and the experts when they are not."""
     ignore = ["lm_head"]
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         if fmts["attention"] != "int4":
             ignore += [p + f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         ignore.append(p + "block_sparse_moe.gate")
+        if fmts["experts"] != "int4":
+            ignore += [p + f"block_sparse_moe.experts.{e}.{w}" for e in range(config.num_local_experts)
+                       for w in ("w1", "w2", "w3")]  # fmt: skip
     return ignore
 
 

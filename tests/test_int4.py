@@ -331,6 +331,24 @@ def test_int4_experts_with_bf16_attention(tmp_path):
     assert load_quantized(out, device="cpu", tokenizer=False) is not None
 
 
+def test_int4_attention_with_bf16_experts_names_every_expert_in_ignore(tmp_path):
+    """The config alone must say the experts stay 16-bit: vLLM and the compressed-tensors library read it, and so
+    does `mixq plan` on a Hub id (config.json only)."""
+    from mixtral_quant import compressed
+    from mixtral_quant.config import MixtralConfig
+
+    out = _int4_dir(tmp_path, group=32, experts="bf16", attention="int4")
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    c = MixtralConfig.from_file(os.path.join(out, "config.json"))
+    experts = {f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}" for i in range(c.num_hidden_layers)
+               for e in range(c.num_local_experts) for w in ("w1", "w2", "w3")}  # fmt: skip
+    assert experts <= set(qc["ignore"]) and not any("self_attn" in n for n in qc["ignore"])
+    assert compressed.recipe_from_config(qc) == {"attention": "int4", "experts": "bf16"}
+    r = CliRunner().invoke(cli, ["inspect", out, "--json"])
+    info = json.loads(r.output)
+    assert info["classes"]["attention"]["format"] == "int4" and info["classes"]["experts"]["format"] == "bf16"
+
+
 def test_plan_int4_bytes():
     from mixtral_quant.config import MixtralConfig
     from mixtral_quant.plan import plan_memory

@@ -9,6 +9,7 @@ device bytes never exceed the budget.
 from __future__ import annotations
 
 import gc
+import logging
 from collections import Counter
 
 import pytest
@@ -272,7 +273,7 @@ CLI_CFG = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidde
                num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
 
 
-def test_cli_max_memory_and_stats(tmp_path):
+def test_cli_max_memory_and_stats(tmp_path, caplog):
     src = write_checkpoint(tmp_path / "src", CLI_CFG, seed=12)
     path = str(tmp_path / "nf4")
     quantize(src, path, fmt="nf4", progress=False)
@@ -303,6 +304,16 @@ def test_cli_max_memory_and_stats(tmp_path):
     assert too_small.exit_code == 1 and "KV cache at 64 tokens x 1" in too_small.stderr
     fits = CliRunner().invoke(cli, short + ["--context", "16", "--stats"])
     assert fits.exit_code == 0, fits.output
+    # chat trims its history to the context reserved under --max-memory, not to the model's maximum
+    with caplog.at_level(logging.WARNING, logger="mixtral_quant"):
+        talk = CliRunner().invoke(cli, ["chat", path, "--device", "cpu", "-n", "4", "--max-memory", str(budget_),
+                                        "--context", "24"], input="Hi\nAnd you\nOnce more\n")  # fmt: skip
+    assert talk.exit_code == 0, talk.output
+    assert talk.stdout.count("\n") >= 3  # three answers
+    assert not [r for r in caplog.records if "reserved under max_memory" in r.getMessage()]
+    # no run uses more positions than the model has: a larger --context (mixq serve's default 4096) reserves that
+    big = load_quantized(path, device="cpu", tokenizer=False, max_memory=2**40, context=10**6)
+    assert big.expert_placement.context == big.config.max_position_embeddings < 10**6
     assert "slots 4" in fits.stderr
     two = CliRunner().invoke(cli, short + ["--context", "16", "--batch", "2"])
     assert two.exit_code == 1 and "KV cache at 16 tokens x 2" in two.stderr

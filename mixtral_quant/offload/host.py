@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..formats import QUANT_STATE_KEY, unpack_quant_state
-from ..linear import INT8_KEYS, NF4_KEYS
+from ..formats import INT8_KEYS, NF4_KEYS
 from ..memory import padded
 from .experts import ResidentExperts, expert_module
 
