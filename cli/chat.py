@@ -7,7 +7,7 @@ import time
 
 import click
 
-from .generate import compile_option, load, model_options, offload_line, sampling_kwargs, sampling_options
+from .options import compile_option, load, model_options, offload_line, sampling_kwargs, sampling_options
 
 
 @click.command()

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from .generate import load, model_options
+from .options import load, model_options
 
 
 class JsonFormatter(logging.Formatter):

@@ -149,18 +149,6 @@ def packed_nbytes(fmt: str, shape: tuple[int, ...], blocksize: int = 64, double_
     return 2 * n
 
 
-def loaded_nbytes(fmt: str, shape: tuple[int, ...], blocksize: int = 64, double_quant: bool = True,
-                  group_size: int = INT4_GROUP_SIZE) -> int:
-    """Bytes one weight occupies once loaded: packed_nbytes, except int4, which int4_as_nf4 holds with fp32 scales
-    (and a 16-entry code table) instead of 16-bit ones."""
-    if fmt != "int4":
-        return packed_nbytes(fmt, shape, blocksize, double_quant)
-    n = 1
-    for s in shape:
-        n *= s
-    return n // 2 + 4 * (n // group_size) + 4 * 16
-
-
 @lru_cache(maxsize=None)
 def _tables(device: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     nf4 = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)

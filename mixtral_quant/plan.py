@@ -34,24 +34,11 @@ class Plan:
         return asdict(self)
 
 
-def class_bytes(config: MixtralConfig, fmts: dict[str, str], blocksize: int = 64, double_quant: bool = True,
-                source_dtype: torch.dtype | None = None,
-                group_size: int = formats.INT4_GROUP_SIZE) -> tuple[dict[str, int], dict[str, int]]:  # fmt: skip
-    """(device bytes per class, params per class) from memory.footprint."""
-    fp = memory.footprint(config, fmts, blocksize=blocksize, double_quant=double_quant, dtype=source_dtype,
-                          group_size=group_size)  # fmt: skip
-    return fp.class_bytes, fp.class_params
-
-
 def expert_bytes(config: MixtralConfig, fmt: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                  dtype: torch.dtype | None = None, group_size: int = formats.INT4_GROUP_SIZE) -> int:  # fmt: skip
     """Device bytes of one expert's w1 + w2 + w3 in `fmt`."""
     return memory.footprint(config, {"experts": fmt}, blocksize=blocksize, double_quant=double_quant,
                             dtype=dtype, group_size=group_size).expert_bytes  # fmt: skip
-
-
-def workspace_bytes(config: MixtralConfig, context: int = 4096, batch: int = 1, **kw) -> int:
-    return memory.workspace_bytes(config, context, batch, **kw)
 
 
 def resident_bytes(config: MixtralConfig, *, attention: str = "nf4", blocksize: int = 64, double_quant: bool = True,
