@@ -4,13 +4,16 @@ than its largest tensor. The measurement is evals/bench_quantize_rss.py's (which
 
 from conftest import load_eval
 
-# hidden 512, experts of 1536, vocab 2000, 6 layers: 1.5 MB expert matrices, 8 shards of ~30 MB, 239 MB in all
+# hidden 512, experts of 1536, vocab 2000, 12 layers: 1.5 MB expert matrices, 8 shards of ~60 MB, 473 MB in all.
+# Measured 28-29% (the bound's terms are 19%; the rest is code pages and allocator state touched on first use,
+# ~25 MB whatever the size, and glibc's freed heap). At 6 layers (239 MB) that fixed part alone is ~10% of the
+# checkpoint and a loaded CI machine measured 40.2% once.
 SHAPE = dict(vocab_size=2000, hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2)
 
 
 def test_peak_rss_of_quantizing_stays_under_40_percent_of_the_checkpoint(tmp_path):
     bench = load_eval("bench_quantize_rss")
-    res = bench.run(layers=6, shards=8, tmp=str(tmp_path), shape=SHAPE)
+    res = bench.run(layers=12, shards=8, tmp=str(tmp_path), shape=SHAPE)
     ck, m = res["checkpoint"], res["runs"]["new"]
     print(res)
     assert ck["shards"] == 8 and ck["largest_shard"] >= 10 * ck["largest_tensor"]  # the case the bound is about
