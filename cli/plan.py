@@ -71,8 +71,8 @@ def plan(src, fmt, experts, attention, blocksize, no_double_quant, group_size, c
         click.echo(f"does not fit in {fmt_bytes(p.gpu_memory)}, even with every expert offloaded "
                    f"(needs {fmt_bytes(o['minimum_bytes'])} on the device)")
     else:
-        click.echo(f"does not fit in {fmt_bytes(p.gpu_memory)}: offload {o['experts_per_layer_on_host']} of "
-                   f"{o['experts_per_layer_on_host'] + o['experts_per_layer_on_device']} experts per layer "
-                   f"({fmt_bytes(o['host_bytes'])} of host memory; "
-                   f"{min(o['slots_per_layer'])}-{max(o['slots_per_layer'])} device slots per layer, as "
-                   "load_quantized(max_memory=...) places them)")
+        lo, hi = min(o["slots_per_layer"]), max(o["slots_per_layer"])
+        E = o["experts_per_layer_on_host"] + o["experts_per_layer_on_device"]
+        click.echo(f"does not fit in {fmt_bytes(p.gpu_memory)}: {lo if lo == hi else f'{lo}-{hi}'} of {E} experts per "
+                   f"layer in device slots (the lowest layers get the most), every offloaded layer's {E} in host "
+                   f"memory ({fmt_bytes(o['host_bytes'])} pinned), as load_quantized(max_memory=...) places them")

@@ -109,7 +109,11 @@ def test_plan_json_and_text():
     d = json.loads(r.output)
     assert d["fits"] is False and d["offload"]["experts_per_layer_on_host"] >= 1 and d["context"] == 8192
     r = run("plan", "Mixtral-8x7B-v0.1", "--gpu-memory", "24GB")
-    assert r.exit_code == 0 and "does not fit in 24.00 GB: offload" in r.output
+    o = json.loads(run("plan", "Mixtral-8x7B-v0.1", "--gpu-memory", "24GB", "--json").output)["offload"]
+    lo, hi = min(o["slots_per_layer"]), max(o["slots_per_layer"])
+    slots = str(lo) if lo == hi else f"{lo}-{hi}"
+    assert r.exit_code == 0 and f"does not fit in 24.00 GB: {slots} of 8 experts per layer in device slots" in r.output
+    assert f"({o['host_bytes'] / 1e9:.2f} GB pinned)" in r.output and o["host_bytes"] > 0
     r = run("plan", "Mixtral-8x7B-v0.1", "--gpu-memory", "40GB", "--format", "nf4")
     assert r.exit_code == 0 and "fits in 40.00 GB" in r.output and "24.48 GB" in r.output
 
