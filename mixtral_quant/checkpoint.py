@@ -403,6 +403,30 @@ def module_format(tensors: dict[str, torch.dtype]) -> str:
     raise ValueError(f"a weight stored as {dtype}")
 
 
+def quant_method(qc: dict, conf: str) -> str | None:
+    """The quant_method of a quantization_config (None, mixtral-quant, bitsandbytes or compressed-tensors), refusing
+    in one line what cannot be read: other methods (GPTQ, AWQ, fp8, ...), bitsandbytes fp4, both load_in flags
+    without our own fields. `conf` names the file in messages. Compressed-tensors schemes other than W4A16 are
+    refused by compressed.check_config."""
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{conf}: quantization_config is not an object")
+    method = str(qc.get("quant_method", "")).lower() or None
+    if method is None and any(k in qc for k in ("load_in_4bit", "load_in_8bit")):
+        method = "bitsandbytes"  # early transformers 4.x configs had no quant_method
+    if method not in (None, "mixtral-quant", "bitsandbytes", "compressed-tensors"):
+        what = OTHER_METHODS.get(method, f"quant_method {method!r}")
+        raise CheckpointError(f"{conf}: a {what} checkpoint; {what} is not supported: {SUPPORTED}")
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit") and qc.get("load_in_8bit") and not isinstance(qc.get("formats"), dict):
+            raise CheckpointError(f"{conf}: quantization_config has both load_in_4bit and load_in_8bit; "
+                                  "the checkpoint is inconsistent, re-download it")  # fmt: skip
+        if qc.get("load_in_4bit") and qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+            kind = qc.get("bnb_4bit_quant_type")
+            raise CheckpointError(f"{conf}: a bitsandbytes {kind} checkpoint (bnb_4bit_quant_type {kind!r}); {kind} "
+                                  f"is not supported, only nf4: {SUPPORTED}")  # fmt: skip
+    return method
+
+
 def read_encoding(reader: "CheckpointReader") -> Encoding:
     """What `reader`'s checkpoint holds, from its quantization_config and its tensors (the tensors decide where the
     config is silent); unsupported encodings (bnb fp4, GPTQ, AWQ, fp8, ...) are refused with
@@ -410,24 +434,8 @@ def read_encoding(reader: "CheckpointReader") -> Encoding:
     place a checkpoint's encoding is recognised: add a branch here for a new one."""
     conf = os.path.join(reader.path, "config.json")
     qc = reader.quantization_config() or {}
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"{conf}: quantization_config is not an object")
-    method = str(qc.get("quant_method", "")).lower() or None
-    if method is None and any(k in qc for k in ("load_in_4bit", "load_in_8bit")):
-        method = "bitsandbytes"  # early transformers 4.x configs had no quant_method
-    # compressed-tensors: CheckpointReader already refused every scheme but W4A16 pack-quantized (compressed.py)
-    if method not in (None, "mixtral-quant", "bitsandbytes", "compressed-tensors"):
-        what = OTHER_METHODS.get(method, f"quant_method {method!r}")
-        raise CheckpointError(f"{conf}: a {what} checkpoint; {what} is not supported: {SUPPORTED}")
+    method = quant_method(qc, conf)
     ours = isinstance(qc.get("formats"), dict)  # mixtral-quant's own fields (also beside a bitsandbytes block)
-    if method == "bitsandbytes":
-        if qc.get("load_in_4bit") and qc.get("load_in_8bit") and not ours:
-            raise CheckpointError(f"{conf}: quantization_config has both load_in_4bit and load_in_8bit; "
-                                  "the checkpoint is inconsistent, re-download it")  # fmt: skip
-        if qc.get("load_in_4bit") and qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
-            kind = qc.get("bnb_4bit_quant_type")
-            raise CheckpointError(f"{conf}: a bitsandbytes {kind} checkpoint (bnb_4bit_quant_type {kind!r}); {kind} "
-                                  f"is not supported, only nf4: {SUPPORTED}")  # fmt: skip
     modules: dict[str, str] = {}
     for prefix, keys in reader.modules_index().items():
         try:
@@ -586,6 +594,7 @@ def quantized_recipe(src: str, config: MixtralConfig) -> dict | None:
         return {**fmts, "blocksize": enc.blocksize or 64, "double_quant": enc.double_quant is not False,
                 "group_size": enc.group_size}  # fmt: skip
     qc = config.raw.get("quantization_config") or {}
+    method = quant_method(qc, "config.json")
     if compressed.is_compressed_tensors(qc):
         group = compressed.check_config(qc, f"{src}: config.json")
         return {**compressed.recipe_from_config(qc), "group_size": group}
@@ -593,19 +602,11 @@ def quantized_recipe(src: str, config: MixtralConfig) -> dict | None:
         f = qc["formats"]
         return {"attention": f.get("attention"), "experts": f.get("experts"), "blocksize": qc.get("blocksize", 64),
                 "double_quant": qc.get("double_quant", True)}  # fmt: skip
-    method = str(qc.get("quant_method", "bitsandbytes" if "load_in_4bit" in qc else "")).lower()
     if method == "bitsandbytes" and qc.get("load_in_4bit"):
-        kind = qc.get("bnb_4bit_quant_type", "nf4")
-        if kind != "nf4":
-            raise CheckpointError(f"config.json: a bitsandbytes {kind} checkpoint; {kind} is not supported, only "
-                                  f"nf4: {SUPPORTED}")  # fmt: skip
         return {"attention": "nf4", "experts": "nf4", "blocksize": 64,
                 "double_quant": bool(qc.get("bnb_4bit_use_double_quant", False))}  # fmt: skip
     if method == "bitsandbytes" and qc.get("load_in_8bit"):
         return {"attention": "int8", "experts": "int8", "blocksize": 64, "double_quant": True}
-    if method:
-        what = OTHER_METHODS.get(method, f"quant_method {method!r}")
-        raise CheckpointError(f"config.json: a {what} checkpoint; {what} is not supported: {SUPPORTED}")
     return None
 
 
